@@ -1,0 +1,59 @@
+"""Process lifecycle: bind both listeners, serve until SIGTERM/SIGINT, then drain in order.
+
+Drain order: /readyz turns 503 at once -> the traffic listener stops accepting -> in-flight
+requests and streams finish (bounded by shutdown_grace, then cancelled) -> the upstream session
+closes (cleanup_ctx) -> the admin listener closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from .app import SERVER_OPTIONS, create_app
+from .config import ProxyConfig, effective
+from .health import ServerState, create_admin_app
+from .logs import get_logger
+
+
+class StartupError(Exception):
+    """A listener could not be bound; the message is for a person."""
+
+
+async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:
+    log = get_logger()
+    stop = stop or asyncio.Event()
+    state = ServerState()
+    registry = CollectorRegistry()
+    runner = web.AppRunner(create_app(config), shutdown_timeout=config.shutdown_grace, **SERVER_OPTIONS)
+    admin = web.AppRunner(create_admin_app(state, registry), shutdown_timeout=1.0, access_log=None)
+    await runner.setup()
+    await admin.setup()
+    try:
+        for r, where in ((runner, config.listen), (admin, config.admin)):
+            try:
+                await web.TCPSite(r, where.host, where.port, backlog=4096).start()
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {where.host}:{where.port}: {exc.strerror or exc}") from None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        state.ready = True
+        log.info("startup", config=effective(config), config_source=config.source)
+        log.info("listening", traffic=_addresses(runner), admin=_addresses(admin), upstream=config.upstream.url)
+        await stop.wait()
+        state.draining = True
+        log.info("draining", grace_s=config.shutdown_grace)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    finally:
+        await runner.cleanup()
+        await admin.cleanup()
+    log.info("stopped")
+
+
+def _addresses(runner: web.AppRunner) -> list[str]:
+    return [f"{a[0]}:{a[1]}" for a in runner.addresses if isinstance(a, tuple)]
