@@ -1,0 +1,34 @@
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.headers import is_event_stream, request_headers, response_headers
+
+
+def _h(*pairs):
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def test_request_drops_hop_by_hop_and_named_and_host():
+    h = _h(("Host", "127.0.0.1:8080"), ("Authorization", "Bearer sk-x"), ("Connection", "keep-alive, X-Hop"),
+           ("Keep-Alive", "timeout=5"), ("X-Hop", "1"), ("Proxy-Authorization", "Basic x"),
+           ("Proxy-Connection", "close"), ("TE", "trailers"), ("Trailer", "X"), ("Transfer-Encoding", "chunked"),
+           ("Upgrade", "h2c"), ("Content-Length", "10"), ("Content-Type", "application/json"),
+           ("X-Stainless-Lang", "python"), ("Accept-Encoding", "gzip"))
+    out = request_headers(h)
+    assert list(out.items()) == [("Authorization", "Bearer sk-x"), ("Content-Type", "application/json"),
+                                 ("X-Stainless-Lang", "python"), ("Accept-Encoding", "gzip")]
+
+
+def test_response_keeps_encoding_and_repeated_headers():
+    h = _h(("Content-Encoding", "gzip"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Content-Length", "5"),
+           ("Transfer-Encoding", "chunked"), ("Connection", "close"), ("x-request-id", "req_1"))
+    out = response_headers(h)
+    assert out.getall("Set-Cookie") == ["a=1", "b=2"]
+    assert out["Content-Encoding"] == "gzip"
+    assert "Content-Length" not in out and "Transfer-Encoding" not in out and "Connection" not in out
+    assert out["x-request-id"] == "req_1"
+
+
+def test_event_stream_detection():
+    assert is_event_stream(_h(("Content-Type", "text/event-stream; charset=utf-8")))
+    assert not is_event_stream(_h(("Content-Type", "application/json")))
+    assert not is_event_stream(_h())
