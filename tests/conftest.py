@@ -1,0 +1,176 @@
+"""Shared fixtures: the mock upstream, a proxy in this process or as a real subprocess, SDK clients.
+
+Test configs use millisecond timeouts and backoffs; nothing waits on the wall clock, and every
+wait is on an event (a request arriving, a log line, a gate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy import config as cfg
+from proxy.app import SERVER_OPTIONS, create_app
+from proxy.testing import MockUpstream
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_KEY = "sk-proj-test-0000000000000000000000000000abcd"
+
+# Fast but not flaky: first_byte/idle long enough for a loaded CI machine, short where a test needs it.
+FAST_DEFAULTS: dict[str, Any] = {
+    "timeouts": {"connect": "2s", "first_byte": "10s", "idle": "10s", "total": "30s"},
+    "retry": {"backoff": {"initial": "1ms", "max": "5ms"}},
+}
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return out
+
+
+def write_config(tmp_path: Path, upstream: str, extra: dict[str, Any] | None = None) -> Path:
+    doc: dict[str, Any] = {"upstream": {"url": upstream}, "defaults": FAST_DEFAULTS}
+    doc = _deep_merge(doc, extra or {})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[MockUpstream]:
+    async with MockUpstream() as m:
+        yield m
+
+
+@dataclass
+class RunningProxy:
+    url: str  # http://127.0.0.1:PORT
+    runner: web.AppRunner
+    config: cfg.ProxyConfig
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+ProxyFactory = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path, mock: MockUpstream) -> AsyncIterator[ProxyFactory]:
+    """Start the traffic app in this event loop on an ephemeral port; upstream defaults to the mock."""
+    runners: list[web.AppRunner] = []
+
+    async def start(extra: dict[str, Any] | None = None, upstream: str | None = None) -> RunningProxy:
+        path = write_config(tmp_path, upstream or mock.url, extra)
+        config = cfg.load(str(path))
+        runner = web.AppRunner(create_app(config), shutdown_timeout=2.0, **SERVER_OPTIONS)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        return RunningProxy(f"http://{host}:{port}", runner, config)
+
+    yield start
+    for r in runners:
+        await r.cleanup()
+
+
+@pytest.fixture
+async def proxy(start_proxy: ProxyFactory) -> RunningProxy:
+    return await start_proxy()
+
+
+@pytest.fixture
+async def client(proxy: RunningProxy) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official SDK pointed at the proxy, its own retries off so each test counts exactly."""
+    c = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0, timeout=30)
+    yield c
+    await c.close()
+
+
+@dataclass
+class ProxyProcess:
+    """`python -m proxy` as a real process; ports come from its own `listening` log line."""
+
+    proc: asyncio.subprocess.Process
+    traffic: str = ""
+    admin: str = ""
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    stderr: bytes = b""
+
+    async def wait_event(self, event: str, timeout: float = 20) -> dict[str, Any]:
+        async def read() -> dict[str, Any]:
+            for line in self.lines:
+                if line.get("event") == event:
+                    return line
+            assert self.proc.stdout is not None
+            while True:
+                raw = await self.proc.stdout.readline()
+                if not raw:
+                    raise AssertionError(f"proxy exited before logging {event!r}; stderr: {await self._err()}")
+                line = json.loads(raw)
+                self.lines.append(line)
+                if line.get("event") == event:
+                    return line
+        return await asyncio.wait_for(read(), timeout)
+
+    async def _err(self) -> str:
+        assert self.proc.stderr is not None
+        try:
+            return (await asyncio.wait_for(self.proc.stderr.read(), 5)).decode()
+        except asyncio.TimeoutError:
+            return "<no stderr>"
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    async def finish(self, timeout: float = 20) -> tuple[int, str, str]:
+        """Wait for exit; returns (code, rest of stdout, stderr)."""
+        out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        return self.proc.returncode or 0, out.decode(), err.decode()
+
+
+async def spawn_proxy(*args: str, env: dict[str, str] | None = None, wait_listening: bool = True) -> ProxyProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    full_env.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, env=full_env, cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    p = ProxyProcess(proc)
+    if wait_listening:
+        ev = await p.wait_event("listening")
+        p.traffic = "http://" + ev["traffic"][0]
+        p.admin = "http://" + ev["admin"][0].replace("0.0.0.0", "127.0.0.1")
+    return p
+
+
+@pytest.fixture
+async def proxy_process() -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
+    procs: list[ProxyProcess] = []
+
+    async def start(*args: str, **kw: Any) -> ProxyProcess:
+        p = await spawn_proxy(*args, **kw)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.proc.returncode is None:
+            p.proc.kill()
+            await p.proc.wait()
