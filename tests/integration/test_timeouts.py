@@ -1,0 +1,95 @@
+"""Upstream failures before and after the commit, with millisecond timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import openai
+import pytest
+
+from proxy.testing import Delay, MockUpstream, Reset, Stall, WaitGate
+
+from .test_forwarding import assert_transport_error
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _sdk(proxy) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-test", max_retries=0, timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_connect_refused_is_502_upstream_connect_error(start_proxy):
+    proxy = await start_proxy(upstream=f"http://127.0.0.1:{_free_port()}")
+    async with _sdk(proxy) as client:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(**CHAT)
+    err = info.value
+    assert err.status_code == 502 and err.code == "upstream_connect_error"
+    assert err.response.headers["x-proxy-error"] == "upstream_connect_error"
+    assert err.type == "proxy_error"
+    assert "Could not connect to 127.0.0.1" in err.message and "refused" in err.message
+
+
+async def test_no_headers_within_first_byte_is_504(start_proxy, mock: MockUpstream):
+    proxy = await start_proxy({"defaults": {"timeouts": {"first_byte": "50ms"}}})
+    mock.script("/v1/chat/completions", WaitGate("never"))
+    async with _sdk(proxy) as client:
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.chat.completions.create(**CHAT)
+    assert info.value.status_code == 504 and info.value.code == "upstream_timeout"
+    assert "did not send response headers within 50ms" in info.value.message
+
+
+async def test_first_byte_longer_than_idle_is_honoured(start_proxy, mock: MockUpstream):
+    # headers may take longer than the idle timeout: idle applies only once the body streams
+    proxy = await start_proxy({"defaults": {"timeouts": {"first_byte": "10s", "idle": "20ms"}}})
+    mock.script("/v1/chat/completions", Delay(0.1))
+    async with _sdk(proxy) as client:
+        resp = await client.chat.completions.create(**CHAT)
+    assert resp.choices[0].message.content
+
+
+async def test_reset_before_headers_is_502_network_error(proxy, mock: MockUpstream):
+    mock.script("/v1/chat/completions", Reset())
+    async with _sdk(proxy) as client:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(**CHAT)
+    assert info.value.status_code == 502 and info.value.code == "upstream_network_error"
+
+
+async def test_idle_stream_is_aborted_after_commit(start_proxy, mock: MockUpstream):
+    # first_byte far longer than the test's bound: only the idle timeout can end this in time
+    proxy = await start_proxy({"defaults": {"timeouts": {"idle": "50ms", "first_byte": "60s", "total": "60s"}}})
+    mock.script("/v1/chat/completions", Stall(after_events=2, gate="never"))
+    got = []
+
+    async def consume() -> None:
+        stream = await client.chat.completions.create(**CHAT, stream=True)
+        async for chunk in stream:
+            got.append(chunk)
+
+    async with _sdk(proxy) as client:
+        with pytest.raises(Exception) as info:
+            await asyncio.wait_for(consume(), 10)
+    assert len(got) == 2
+    assert_transport_error(info.value)
+    rec = mock.requests_to("/v1/chat/completions")[0]
+    await asyncio.wait_for(rec.cancelled.wait(), 10)  # the upstream request was given up
+
+
+async def test_total_timeout_bounds_a_stream(start_proxy, mock: MockUpstream):
+    proxy = await start_proxy({"defaults": {"timeouts": {"total": "200ms", "idle": "60s", "first_byte": "60s"}}})
+    mock.script("/v1/chat/completions", Stall(after_events=1, gate="never"))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(r.read(), 10)
