@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from dataclasses import dataclass
 
 import aiohttp
+import orjson
 
 
 class Category(enum.StrEnum):
@@ -26,6 +28,70 @@ class Category(enum.StrEnum):
 
 
 FAILURES = frozenset(Category) - {Category.OK}
+
+# How much of an error body classification may read before deciding (OpenAI errors are < 1 KiB).
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """An attempt's category, and whether waiting could ever change the answer."""
+
+    category: Category
+    permanent: bool = False  # e.g. a 429 "Request too large": no retry can succeed
+
+
+OK = Verdict(Category.OK)
+_BY_CLASS = {2: OK, 3: OK}
+
+
+def classify_status(status: int, body: bytes | None) -> Verdict:
+    """Status plus a bounded prefix of the error body -> Verdict. Pure; table-tested.
+
+    429 is read by body: `insufficient_quota` (error.type first, then error.code) can not be
+    fixed by waiting, nor can "Request too large ... Requested > Limit" (it has no "Used").
+    """
+    if status < 400:
+        return _BY_CLASS.get(status // 100, OK)
+    if status >= 500:
+        return Verdict(Category.SERVER)
+    if status in (401, 403):
+        return Verdict(Category.AUTHENTICATION, permanent=True)
+    if status == 429:
+        return _classify_429(body)
+    return Verdict(Category.CLIENT, permanent=True)
+
+
+_QUOTA = "insufficient_quota"
+
+
+def _classify_429(body: bytes | None) -> Verdict:
+    err = _error_object(body)
+    if err is not None:
+        if err.get("type") == _QUOTA or err.get("code") == _QUOTA:
+            return Verdict(Category.QUOTA_EXCEEDED, permanent=True)
+        message = err.get("message")
+        if isinstance(message, str) and _too_large(message):
+            return Verdict(Category.RATE_LIMIT, permanent=True)
+    return Verdict(Category.RATE_LIMIT)
+
+
+def _too_large(message: str) -> bool:
+    # "Request too large for o3 ... Limit 30000, Requested 31756." (a "Used N" means: wait and retry)
+    return "Requested" in message and "Used" not in message and "too large" in message.lower()
+
+
+def _error_object(body: bytes | None) -> dict[str, object] | None:
+    if not body:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    err = doc.get("error", doc)
+    return err if isinstance(err, dict) else None
 
 
 def classify_exception(exc: BaseException) -> Category:

@@ -1,0 +1,93 @@
+"""The retry decision: pure, one function, and the reason when the answer is no.
+
+Two levels, as in Envoy: `RetryPolicy.retries(verdict)` answers from config alone; `decide`
+adds attempts used, replayability, the upstream's word, the wait, the deadline and the budget.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .backoff import Random, backoff_delay
+from .budget import RetryBudget
+from .classify import Category, Verdict
+from .config import Retry as RetryConfig
+
+
+class StopReason(enum.StrEnum):
+    """Why the proxy stopped retrying (metric label and log field values; design.md)."""
+
+    NOT_RETRYABLE = "not_retryable"  # the category is not in retry_on, or waiting cannot help
+    LIMIT = "limit"  # max_attempts used
+    BUDGET = "budget"  # the route's retry budget is spent
+    DEADLINE = "deadline"  # the wait (backoff or Retry-After) would pass the deadline or retry_after_max
+    NOT_REPLAYABLE = "not_replayable"  # the request body was streamed through, it cannot be sent again
+    BREAKER = "breaker"  # the route's circuit breaker is open
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAfter:
+    delay: float
+    reason: str  # "backoff" or "retry_after"
+    source: str  # "backoff", or the header the delay came from ("retry-after-ms", "retry-after")
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    reason: StopReason
+
+
+Decision = RetryAfter | Stop
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int
+    retry_on: frozenset[Category]
+    initial: float
+    maximum: float
+    multiplier: float
+    retry_after_max: float
+
+    @classmethod
+    def from_config(cls, r: RetryConfig) -> RetryPolicy:
+        b = r.backoff
+        return cls(r.max_attempts, frozenset(Category(c) for c in r.retry_on), float(b.initial), float(b.max),
+                   b.multiplier, float(r.retry_after_max))
+
+    @property
+    def retries_enabled(self) -> bool:
+        return self.max_attempts > 1
+
+    def retries(self, verdict: Verdict) -> bool:
+        return verdict.category in self.retry_on and not verdict.permanent
+
+
+def decide(policy: RetryPolicy, verdict: Verdict, *, attempt: int, replayable: bool,
+           upstream_forbids: bool, hint: tuple[float, str] | None, remaining: float,
+           budget: RetryBudget, rng: Random) -> Decision:
+    """After failed attempt number `attempt`: wait and retry, or stop and say why.
+
+    `hint` is a parsed Retry-After (seconds, header); `remaining` is the time left before the
+    deadline. The budget is asked last, because asking spends it.
+    """
+    if upstream_forbids or not policy.retries(verdict):
+        return Stop(StopReason.NOT_RETRYABLE)
+    if attempt >= policy.max_attempts:
+        return Stop(StopReason.LIMIT)
+    if not replayable:
+        return Stop(StopReason.NOT_REPLAYABLE)
+    if hint is not None:
+        delay, source = hint
+        if delay > policy.retry_after_max:
+            return Stop(StopReason.DEADLINE)  # the upstream asks for a longer wait than we may give
+        decision = RetryAfter(delay, "retry_after", source)
+    else:
+        delay = backoff_delay(attempt, policy.initial, policy.maximum, policy.multiplier, rng)
+        decision = RetryAfter(delay, "backoff", "backoff")
+    if delay >= remaining:
+        return Stop(StopReason.DEADLINE)
+    if not budget.withdraw():
+        return Stop(StopReason.BUDGET)
+    return decision
