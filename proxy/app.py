@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from .config import ProxyConfig
+from .events import Emitter, Observer
 from .handler import Forwarder
 from .upstream import create_session
 
@@ -19,13 +21,16 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 SERVER_OPTIONS = dict(handler_cancellation=True, auto_decompress=False, access_log=None)
 
 
-def create_app(config: ProxyConfig) -> web.Application:
-    """The traffic app: every method and path goes to the forward handler."""
+def create_app(config: ProxyConfig, observers: Sequence[Observer] = (), **forwarder_options: Any) -> web.Application:
+    """The traffic app: every method and path goes to the forward handler.
+
+    `observers` see every event (logs, metrics, tests); `forwarder_options` inject the clock,
+    random source and sleep for tests."""
     # read() is used only for bodies within replay_limit; larger ones are streamed
     max_replay = max(r.policy.retry.replay_limit for r in (*config.routes.routes, config.routes.default))
     app = web.Application(client_max_size=max_replay + 1, handler_args=None)
     app[CONFIG] = config
-    forwarder = Forwarder(config)
+    forwarder = Forwarder(config, Emitter(observers), **forwarder_options)
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         session = create_session(config)

@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import aiohttp
 import orjson
 from aiohttp import web
 
-from .classify import Category
+from .classify import Category, failure_detail
+from .units import format_duration
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +24,14 @@ class ProxyError:
     message: str
     headers: Mapping[str, str] = field(default_factory=dict)
 
-    def response(self) -> web.Response:
+    def response(self, extra: Mapping[str, str] | None = None) -> web.Response:
         body = orjson.dumps({"error": {"message": self.message, "type": "proxy_error",
                                        "code": self.code, "param": None}})
         resp = web.Response(status=self.status, body=body, content_type="application/json")
         resp.headers["x-proxy-error"] = self.code
         resp.headers.update(self.headers)
+        if extra:
+            resp.headers.update(extra)
         return resp
 
 
@@ -44,3 +48,42 @@ STATUS_AND_CODE: Mapping[Category, tuple[int, str]] = {
 def for_category(category: Category, message: str, headers: Mapping[str, str] | None = None) -> ProxyError:
     status, code = STATUS_AND_CODE[category]
     return ProxyError(status, code, message, headers or {})
+
+
+def upstream_failure(category: Category, exc: BaseException, *, host: str, first_byte: float, total: float,
+                     attempts: int, elapsed: float, stop: str | None, headers: Mapping[str, str]) -> ProxyError:
+    """One plain sentence a developer can act on: what failed, how often over how long, what next.
+
+    Built only from fixed words, the upstream host and numbers: never an exception's text, which
+    may carry URLs, headers or keys.
+    """
+    detail = failure_detail(exc)
+    if category is Category.CONNECT:
+        what = f"Could not connect to {host}: {detail}"
+        advice = "the request never reached it; retry later"
+    elif category is Category.TIMEOUT:
+        what = (f"{host} did not send response headers within {format_duration(first_byte)}"
+                if isinstance(exc, aiohttp.SocketTimeoutError)
+                else f"{host} did not answer within the total timeout of {format_duration(total)}")
+        advice = "the upstream may be overloaded, retry later"
+    elif category is Category.NETWORK:
+        what = f"The connection to {host} failed after the request was sent: {detail}"
+        advice = "the request may or may not have been processed"
+    else:
+        what = f"{host} sent a response the proxy could not read: {detail}"
+        advice = "retry later"
+    tries = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} in {_seconds(elapsed)}"
+    why = _STOP_WORDS.get(stop or "", "")
+    return for_category(category, f"{what}; {tries}{why}; {advice}.", headers)
+
+
+_STOP_WORDS = {
+    "budget": " (the retry budget of this route is spent: many requests are failing)",
+    "deadline": " (no time was left for another attempt)",
+    "not_replayable": " (the request body was too large to be sent again)",
+    "breaker": " (the circuit breaker of this route opened)",
+}
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f}s" if s >= 10 else f"{s:.2g}s" if s >= 0.01 else f"{s * 1000:.0f}ms"

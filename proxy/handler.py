@@ -1,63 +1,104 @@
-"""The forward handler: route match -> request body -> one upstream attempt -> relay or proxy error."""
+"""The forward handler: route -> request body -> attempt loop -> commit (deliver or proxy error).
+
+It emits one RequestFinished per client request, whatever happens, including a client that
+leaves halfway (the handler is cancelled then).
+"""
 
 from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from .body import read_body
-from .classify import Category, classify_exception, failure_detail
-from .config import Policy, ProxyConfig
-from .errors import ProxyError, for_category
+from . import attempt
+from .backoff import Random
+from .body import RequestBody, read_body
+from .classify import Category
+from .config import ProxyConfig
+from .errors import upstream_failure
+from .events import Emitter, RequestFinished
 from .headers import request_headers
-from .relay import UPSTREAM_ERRORS, UpstreamFailure, relay
-from .units import format_duration
-from .upstream import base_url, client_timeout, send
+from .policy import RoutePolicy, compile_routes
+from .relay import Delivery, deliver, send_whole
+from .upstream import base_url
 
 
 class Forwarder:
-    """Callable handler bound to one session and one compiled config; no per-request setup."""
+    """Bound to one session and one compiled config; holds no per-request state."""
 
-    __slots__ = ("session", "_routes", "_base", "_host", "_timeouts")
+    __slots__ = ("session", "_routes", "_base", "_host", "_emit", "_clock", "_rng", "_sleep")
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, emit: Emitter | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 rng: Random = random.random, sleep: attempt.Sleep = asyncio.sleep) -> None:
         self.session: aiohttp.ClientSession | None = None  # set by the app's cleanup_ctx
-        self._routes = config.routes
+        self._routes = compile_routes(config, clock)
         self._base = base_url(config.upstream.url)
         self._host = URL(config.upstream.url).host or config.upstream.url
-        routes = [*config.routes.routes, config.routes.default]
-        self._timeouts = {r.name: client_timeout(r.policy.timeouts) for r in routes}
+        self._emit = emit or Emitter()
+        self._clock, self._rng, self._sleep = clock, rng, sleep
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        route = self._routes.match(request.method, request.path)
-        policy = route.policy
-        body = await read_body(request, policy.retry.replay_limit)
+        start = self._clock()
+        route = self._routes.match(request.method, request.path).policy
+        outcome: attempt.Outcome | None = None
+        delivery: Delivery | None = None
+        body: RequestBody | None = None
+        ttfb: float | None = None
         try:
+            body = await read_body(request, route.replay_limit)
+            route.budget.deposit()
+            ex = attempt.Exchange(request.method, request.raw_path, request_headers(request.headers), body, start,
+                                  attempt.client_deadline(request.headers, start, route.total))
             assert self.session is not None
-            up = await send(self.session, request.method, self._base, request.raw_path,
-                            request_headers(request.headers), body, self._timeouts[route.name])
-            return await relay(request, up, policy.timeouts.idle)
-        except UpstreamFailure as failure:
-            return self._error(failure.cause, policy).response()
-        except UPSTREAM_ERRORS as exc:
-            return self._error(exc, policy).response()
+            outcome = await attempt.run(self.session, self._base, route, ex, self._emit,
+                                        clock=self._clock, rng=self._rng, sleep=self._sleep)
+            extra = _coordination_headers(outcome, route)
+            ttfb = self._clock() - start
+            if outcome.response is None:
+                assert outcome.error is not None
+                resp = upstream_failure(
+                    outcome.verdict.category, outcome.error, host=self._host, first_byte=route.first_byte,
+                    total=route.total, attempts=outcome.attempts, elapsed=self._clock() - start,
+                    stop=outcome.stop, headers=extra).response()
+                delivery = await send_whole(request, resp, outcome.verdict.category)
+                return resp
+            stream, delivery = await deliver(request, outcome.response, outcome.prefetched, outcome.complete, extra,
+                                             route.idle, outcome.verdict.category)
+            return stream
+        finally:
+            self._finished(request, route, start, ttfb, body, outcome, delivery)
 
-    def _error(self, exc: BaseException, policy: Policy) -> ProxyError:
-        category = classify_exception(exc)
-        return for_category(category, self._message(category, exc, policy))
+    def _finished(self, request: web.Request, route: RoutePolicy, start: float, ttfb: float | None,
+                  body: RequestBody | None, outcome: attempt.Outcome | None, delivery: Delivery | None) -> None:
+        h = request.headers
+        lang = h.get("x-stainless-lang")
+        sdk = f"{lang}/{h.get('x-stainless-package-version', '?')}" if lang else None
+        if delivery is None:  # the client left before anything was sent
+            status, category, aborted, out, upstream_id = None, Category.OK, True, 0, None
+        else:
+            status, category, aborted = delivery.status, delivery.category, delivery.aborted or delivery.client_gone
+            out, upstream_id = delivery.bytes_out, delivery.upstream_request_id
+        self._emit(RequestFinished(
+            route=route.name, method=request.method, path=request.path, status=status, category=category,
+            attempts=outcome.attempts if outcome else 0, stop_reason=outcome.stop if outcome else None,
+            aborted=aborted, duration_s=self._clock() - start, ttfb_s=ttfb,
+            bytes_in=body.size if body else None, bytes_out=out, replayable=body.replayable if body else True,
+            upstream_request_id=upstream_id, client_sdk=sdk, client_request_id=h.get("x-client-request-id"),
+        ))
 
-    def _message(self, category: Category, exc: BaseException, policy: Policy) -> str:
-        t = policy.timeouts
-        host = self._host
-        if category is Category.CONNECT:
-            return f"Could not connect to {host}: {failure_detail(exc)}. The request was not sent; retry later."
-        if category is Category.TIMEOUT:
-            if isinstance(exc, aiohttp.SocketTimeoutError):
-                return (f"{host} did not send response headers within {format_duration(t.first_byte)}; "
-                        "the upstream may be overloaded, retry later.")
-            return f"{host} did not answer within the total timeout of {format_duration(t.total)}; retry later."
-        if category is Category.NETWORK:
-            return (f"The connection to {host} failed after the request was sent: {failure_detail(exc)}. "
-                    "The request may or may not have been processed.")
-        return f"{host} sent a response the proxy could not read: {failure_detail(exc)}."
+
+def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy) -> dict[str, str]:
+    """Tell the SDK what the proxy did, so retries do not multiply (design.md, client contract).
+
+    After a failure the proxy's policy has run: `x-should-retry: false` stops the SDK's own
+    retries. A route with max_attempts 1 leaves the SDK's retries alone.
+    """
+    extra = {"x-proxy-attempts": str(outcome.attempts)}
+    if outcome.verdict.category != Category.OK and route.retry.retries_enabled:
+        extra["x-should-retry"] = "false"
+    return extra

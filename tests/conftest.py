@@ -23,6 +23,7 @@ from aiohttp import web
 
 from proxy import config as cfg
 from proxy.app import SERVER_OPTIONS, create_app
+from proxy.events import AttemptFinished, Event, RequestFinished, RetryScheduled
 from proxy.testing import MockUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,15 +71,47 @@ class RunningProxy:
 ProxyFactory = Callable[..., Awaitable[RunningProxy]]
 
 
+class Recorder:
+    """An observer that keeps every event, for assertions on attempts, retries and stop reasons."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    @property
+    def requests(self) -> list[RequestFinished]:
+        return self.of(RequestFinished)
+
+    @property
+    def retries(self) -> list[RetryScheduled]:
+        return self.of(RetryScheduled)
+
+    @property
+    def attempts(self) -> list[AttemptFinished]:
+        return self.of(AttemptFinished)
+
+
 @pytest.fixture
-async def start_proxy(tmp_path: Path, mock: MockUpstream) -> AsyncIterator[ProxyFactory]:
-    """Start the traffic app in this event loop on an ephemeral port; upstream defaults to the mock."""
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path, mock: MockUpstream, recorder: Recorder) -> AsyncIterator[ProxyFactory]:
+    """Start the traffic app in this event loop on an ephemeral port; upstream defaults to the mock.
+
+    Every event goes to `recorder`; `options` inject the forwarder's clock, rng or sleep."""
     runners: list[web.AppRunner] = []
 
-    async def start(extra: dict[str, Any] | None = None, upstream: str | None = None) -> RunningProxy:
+    async def start(extra: dict[str, Any] | None = None, upstream: str | None = None, **options: Any) -> RunningProxy:
         path = write_config(tmp_path, upstream or mock.url, extra)
         config = cfg.load(str(path))
-        runner = web.AppRunner(create_app(config), shutdown_timeout=2.0, **SERVER_OPTIONS)
+        runner = web.AppRunner(create_app(config, [recorder], **options), shutdown_timeout=2.0, **SERVER_OPTIONS)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         runners.append(runner)

@@ -26,7 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_connect_refused_is_502_upstream_connect_error(start_proxy):
+async def test_connect_refused_is_502_upstream_connect_error(start_proxy, recorder):
     proxy = await start_proxy(upstream=f"http://127.0.0.1:{_free_port()}")
     async with _sdk(proxy) as client:
         with pytest.raises(openai.InternalServerError) as info:
@@ -36,16 +36,22 @@ async def test_connect_refused_is_502_upstream_connect_error(start_proxy):
     assert err.response.headers["x-proxy-error"] == "upstream_connect_error"
     assert err.type == "proxy_error"
     assert "Could not connect to 127.0.0.1" in err.message and "refused" in err.message
+    assert "gave up after 3 attempts" in err.message
+    assert err.response.headers["x-proxy-attempts"] == "3" and err.response.headers["x-should-retry"] == "false"
+    assert [a.category for a in recorder.attempts] == ["connect"] * 3
+    assert recorder.requests[0].stop_reason == "limit"
 
 
-async def test_no_headers_within_first_byte_is_504(start_proxy, mock: MockUpstream):
+async def test_no_headers_within_first_byte_is_504_after_max_attempts(start_proxy, mock: MockUpstream):
     proxy = await start_proxy({"defaults": {"timeouts": {"first_byte": "50ms"}}})
-    mock.script("/v1/chat/completions", WaitGate("never"))
+    mock.script("/v1/chat/completions", *[WaitGate("never")] * 3)
     async with _sdk(proxy) as client:
         with pytest.raises(openai.APIStatusError) as info:
             await client.chat.completions.create(**CHAT)
     assert info.value.status_code == 504 and info.value.code == "upstream_timeout"
-    assert "did not send response headers within 50ms" in info.value.message
+    assert "did not send response headers within 50ms; gave up after 3 attempts in" in info.value.message
+    assert info.value.message.endswith("the upstream may be overloaded, retry later.")
+    assert len(mock.requests_to("/v1/chat/completions")) == 3
 
 
 async def test_first_byte_longer_than_idle_is_honoured(start_proxy, mock: MockUpstream):
@@ -57,7 +63,8 @@ async def test_first_byte_longer_than_idle_is_honoured(start_proxy, mock: MockUp
     assert resp.choices[0].message.content
 
 
-async def test_reset_before_headers_is_502_network_error(proxy, mock: MockUpstream):
+async def test_reset_before_headers_without_retries_is_502_network_error(start_proxy, mock: MockUpstream):
+    proxy = await start_proxy({"defaults": {"retry": {"max_attempts": 1}}})
     mock.script("/v1/chat/completions", Reset())
     async with _sdk(proxy) as client:
         with pytest.raises(openai.InternalServerError) as info:

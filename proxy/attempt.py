@@ -1,0 +1,131 @@
+"""THE attempt loop: send -> classify -> decide -> wait -> send again. The only code that knows
+every piece; each piece is a pure decision it asks. Everything here happens before the commit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict
+
+from .backoff import Random, parse_retry_after
+from .body import RequestBody
+from .classify import ERROR_BODY_LIMIT, Verdict, classify_exception, classify_status
+from .events import AttemptFinished, Emitter, RetryScheduled
+from .policy import RoutePolicy
+from .relay import SMALL_BODY, UPSTREAM_ERRORS
+from .retry import RetryAfter, StopReason, decide
+from .upstream import send
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the loop ends with: a response to commit (with any prefetched body) or an error."""
+
+    attempts: int
+    verdict: Verdict
+    stop: StopReason | None  # None: the last attempt succeeded, no decision was needed
+    response: aiohttp.ClientResponse | None = None
+    prefetched: bytes | None = None  # body bytes already read from `response`
+    complete: bool = False  # `prefetched` is the whole body
+    error: BaseException | None = None  # set when there is no response
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """The request side of one client request, fixed before the first attempt."""
+
+    method: str
+    raw_path: str
+    headers: CIMultiDict[str]
+    body: RequestBody
+    start: float  # monotonic
+    deadline: float  # monotonic: no retry waits past it (timeouts.total, or the client's own timeout)
+
+
+async def _prefetch(up: aiohttp.ClientResponse, method: str) -> tuple[bytes | None, bool]:
+    """Read what must be read before the commit: a small known-length body whole (one write, and a
+    failure here is still retryable), or the head of an error body of unknown length (classification)."""
+    length = up.content_length
+    if method == "HEAD" or up.status in (204, 304):
+        return None, False
+    if length is not None:
+        if length <= SMALL_BODY:
+            return await up.read(), True
+        return None, False
+    if up.status < 400:
+        return None, False
+    parts: list[bytes] = []
+    held = 0
+    while held <= ERROR_BODY_LIMIT:
+        chunk = await up.content.readany()
+        if not chunk:
+            return b"".join(parts), True
+        parts.append(chunk)
+        held += len(chunk)
+    return b"".join(parts), False
+
+
+async def run(session: aiohttp.ClientSession, base: str, route: RoutePolicy, ex: Exchange, emit: Emitter,
+              *, clock: Callable[[], float], rng: Random, sleep: Sleep) -> Outcome:
+    policy = route.retry
+    attempt = 0
+    while True:
+        attempt += 1
+        began = clock()
+        timeout = aiohttp.ClientTimeout(total=max(ex.start + route.total - began, 0.001),
+                                        sock_connect=route.connect, sock_read=route.first_byte)
+        up: aiohttp.ClientResponse | None = None
+        try:
+            up = await send(session, ex.method, base, ex.raw_path, ex.headers, ex.body, timeout)
+            prefetched, complete = await _prefetch(up, ex.method)
+            verdict = classify_status(up.status, prefetched)
+            error: BaseException | None = None
+        except UPSTREAM_ERRORS as exc:
+            if up is not None:
+                up.close()
+                up = None
+            prefetched, complete, error = None, False, exc
+            verdict = Verdict(classify_exception(exc))
+        except BaseException:
+            if up is not None:
+                up.close()
+            raise
+        category = verdict.category
+        emit(AttemptFinished(route.name, attempt, category, up.status if up else None, clock() - began))
+        outcome = Outcome(attempt, verdict, None, up, prefetched, complete, error)
+        if category == "ok":
+            return outcome
+        hint = parse_retry_after(up.headers, time.time()) if up is not None else None
+        forbids = up is not None and up.headers.get("x-should-retry") == "false"
+        decision = decide(policy, verdict, attempt=attempt, replayable=ex.body.replayable, upstream_forbids=forbids,
+                          hint=hint, remaining=ex.deadline - clock(), budget=route.budget, rng=rng)
+        if not isinstance(decision, RetryAfter):
+            outcome.stop = decision.reason
+            return outcome
+        if up is not None:
+            up.close()  # its body is not wanted: do not read it into the pool's connection
+        emit(RetryScheduled(route.name, attempt, category, outcome.response.status if outcome.response else None,
+                            decision.delay, decision.reason, decision.source))
+        await sleep(decision.delay)
+
+
+def client_deadline(headers: Mapping[str, str], start: float, total: float) -> float:
+    """`timeouts.total`, or sooner when the SDK says how long it will wait (x-stainless-read-timeout):
+    retrying for a client that has already given up only adds load."""
+    deadline = start + total
+    value = headers.get("x-stainless-read-timeout")
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            return deadline
+        if seconds > 0:
+            deadline = min(deadline, start + seconds)
+    return deadline
+

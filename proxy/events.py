@@ -1,0 +1,79 @@
+"""What observers (logs, metrics) may see: frozen events emitted by the attempt loop and handler.
+
+Observers are plain callables taking an event; they watch, they never steer a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .classify import Category
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFinished:
+    """One upstream call ended (response headers classified, or an exception)."""
+
+    route: str
+    attempt: int
+    category: Category
+    status: int | None  # None: no response (connect, network, timeout)
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled:
+    """The loop will wait `delay_s` and try again."""
+
+    route: str
+    attempt: int  # the attempt that failed
+    category: Category
+    status: int | None
+    delay_s: float
+    reason: str  # "backoff" or "retry_after"
+    source: str  # "backoff", or the header the delay came from
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFinished:
+    """One client request is over: the canonical line for logs and the request-level metrics."""
+
+    route: str
+    method: str
+    path: str
+    status: int | None  # None: aborted before any status was sent
+    category: Category  # of the final outcome, "ok" for a success
+    attempts: int
+    stop_reason: str | None  # why retrying stopped, None when it was not needed
+    aborted: bool  # the client connection was cut after the commit
+    duration_s: float
+    ttfb_s: float | None  # until the status line was sent to the client
+    bytes_in: int | None
+    bytes_out: int
+    replayable: bool
+    upstream_request_id: str | None
+    client_sdk: str | None  # from x-stainless-lang / x-stainless-package-version
+    client_request_id: str | None  # x-client-request-id
+
+
+Event = AttemptFinished | RetryScheduled | RequestFinished
+Observer = Callable[[Event], None]
+
+
+class Emitter:
+    """Fans an event out to every observer; an observer's failure never reaches the request."""
+
+    __slots__ = ("_observers", "_on_error")
+
+    def __init__(self, observers: Sequence[Observer] = (), on_error: Callable[[BaseException], None] | None = None):
+        self._observers = tuple(observers)
+        self._on_error = on_error
+
+    def __call__(self, event: Event) -> None:
+        for observe in self._observers:
+            try:
+                observe(event)
+            except Exception as exc:  # noqa: BLE001 - an observer must not fail a request
+                if self._on_error is not None:
+                    self._on_error(exc)
