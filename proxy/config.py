@@ -245,6 +245,27 @@ def to_builtins(obj: Any) -> Any:
 
 _BUILTIN_POLICY = to_builtins(Policy())
 
+_JOBS = {"retry_on": ["connect", "rate_limit"]}
+_POLL = {"max_attempts": 6, "retry_on": ["connect", "network", "timeout", "server", "rate_limit", "invalid_response"]}
+# The built-in route table; config/default.yaml writes it out with the reasons (a test keeps them equal).
+# A config file with its own `routes:` replaces the whole list.
+BUILTIN_ROUTES: list[dict[str, Any]] = [
+    {"name": "videos_create", "methods": ["POST"], "path": "/v1/videos/*", "retry": _JOBS},
+    {"name": "batches_create", "methods": ["POST"], "path": "/v1/batches", "retry": _JOBS},
+    {"name": "fine_tuning_create", "methods": ["POST"], "path": "/v1/fine_tuning/jobs", "retry": _JOBS},
+    {"name": "videos_content", "methods": ["GET"], "path": "/v1/videos/{id}/content", "retry": {"max_attempts": 5}},
+    {"name": "videos_poll", "methods": ["GET"], "path": "/v1/videos/{id}", "retry": _POLL},
+    {"name": "responses_poll", "methods": ["GET"], "path": "/v1/responses/{id}", "retry": _POLL},
+    {"name": "files_content", "methods": ["GET"], "path": "/v1/files/{id}/content", "retry": {"max_attempts": 5}},
+    {"name": "chat_completions", "methods": ["POST"], "path": "/v1/chat/completions"},
+    {"name": "completions", "methods": ["POST"], "path": "/v1/completions"},
+    {"name": "responses", "methods": ["POST"], "path": "/v1/responses"},
+    {"name": "embeddings", "methods": ["POST"], "path": "/v1/embeddings", "retry": {"max_attempts": 4}},
+    {"name": "audio", "methods": ["POST"], "path": "/v1/audio/*", "retry": {"replay_limit": "25MiB"}},
+    {"name": "images", "methods": ["POST"], "path": "/v1/images/*",
+     "retry": {"retry_on": ["connect", "server", "rate_limit"], "replay_limit": "50MiB"}},
+]
+
 
 def _check_policy(policy: Policy, source: str, prefix: str) -> None:
     b = policy.retry.backoff
@@ -334,7 +355,8 @@ def load(path: str | None, overrides: Iterable[Override] = ()) -> ProxyConfig:
     defaults = _convert(defaults_raw, Policy, source, "defaults")
     _check_policy(defaults, source, "defaults.")
     _check_url(top.upstream.url, source, "upstream.url")
-    table = _build_routes(top.routes or [], defaults_raw, defaults, source)
+    specs = top.routes if top.routes is not None else BUILTIN_ROUTES
+    table = _build_routes(specs, defaults_raw, defaults, source)
     return ProxyConfig(
         listen=top.listen, admin=top.admin, upstream=top.upstream, defaults=defaults, routes=table,
         log=top.log, shutdown_grace=float(top.shutdown_grace), workers=top.workers, source=source,

@@ -28,7 +28,34 @@ def test_builtin_defaults_match_design():
     t = c.defaults.timeouts
     assert (t.connect, t.first_byte, t.idle, t.total) == (5, 600, 300, 900)
     assert c.defaults.retry.replay_limit == 1 << 20
-    assert c.routes.routes == () and c.routes.default.name == "default"
+    assert c.routes.default.name == "default"
+    assert [r.name for r in c.routes.routes][:3] == ["videos_create", "batches_create", "fine_tuning_create"]
+
+
+@pytest.mark.parametrize("method, path, route, attempts, retry_on", [
+    ("POST", "/v1/videos", "videos_create", 3, {"connect", "rate_limit"}),
+    ("POST", "/v1/videos/video_1/remix", "videos_create", 3, {"connect", "rate_limit"}),
+    ("POST", "/v1/batches", "batches_create", 3, {"connect", "rate_limit"}),
+    ("GET", "/v1/videos/video_1", "videos_poll", 6, None),
+    ("GET", "/v1/videos/video_1/content", "videos_content", 5, None),
+    ("GET", "/v1/responses/resp_1", "responses_poll", 6, None),
+    ("POST", "/v1/chat/completions", "chat_completions", 3, None),
+    ("POST", "/v1/embeddings", "embeddings", 4, None),
+    ("POST", "/v1/audio/transcriptions", "audio", 3, None),
+    ("POST", "/v1/images/generations", "images", 3, {"connect", "server", "rate_limit"}),
+    ("GET", "/v1/models", "default", 3, None),
+])
+def test_builtin_routes(method, path, route, attempts, retry_on):
+    r = cfg.load(None).routes.match(method, path)
+    assert r.name == route and r.policy.retry.max_attempts == attempts
+    if retry_on is not None:
+        assert set(r.policy.retry.retry_on) == retry_on
+
+
+def test_own_routes_replace_the_builtin_list(tmp_path):
+    c = _load(tmp_path, "routes:\n  - {name: mine, path: /v1/x}\n")
+    assert [r.name for r in c.routes.routes] == ["mine"]
+    assert _load(tmp_path, "routes: []\n").routes.routes == ()
 
 
 def test_shipped_default_yaml_equals_builtin_defaults():
