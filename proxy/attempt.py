@@ -13,7 +13,8 @@ from multidict import CIMultiDict
 
 from .backoff import Random, parse_retry_after
 from .body import RequestBody
-from .classify import ERROR_BODY_LIMIT, Verdict, classify_exception, classify_status
+from .breaker import Permit
+from .classify import ERROR_BODY_LIMIT, Category, Verdict, classify_exception, classify_status
 from .events import AttemptFinished, Emitter, RetryScheduled
 from .policy import RoutePolicy
 from .relay import SMALL_BODY, UPSTREAM_ERRORS
@@ -72,11 +73,18 @@ async def _prefetch(up: aiohttp.ClientResponse, method: str) -> tuple[bytes | No
 
 
 async def run(session: aiohttp.ClientSession, base: str, route: RoutePolicy, ex: Exchange, emit: Emitter,
-              *, clock: Callable[[], float], rng: Random, sleep: Sleep) -> Outcome:
+              permit: Permit | None, *, clock: Callable[[], float], rng: Random, sleep: Sleep) -> Outcome:
+    """Attempts until one succeeds or the policy stops. `permit` is the breaker's for attempt 1
+    (the handler asks before reading the body); every later attempt asks again."""
     policy = route.retry
+    breaker = route.breaker
     attempt = 0
     while True:
         attempt += 1
+        if permit is None:
+            permit = breaker.allow()
+            if permit is None:
+                return Outcome(attempt - 1, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
         began = clock()
         timeout = aiohttp.ClientTimeout(total=max(ex.start + route.total - began, 0.001),
                                         sock_connect=route.connect, sock_read=route.first_byte)
@@ -93,10 +101,13 @@ async def run(session: aiohttp.ClientSession, base: str, route: RoutePolicy, ex:
             prefetched, complete, error = None, False, exc
             verdict = Verdict(classify_exception(exc))
         except BaseException:
+            breaker.release(permit)
             if up is not None:
                 up.close()
             raise
         category = verdict.category
+        breaker.record(category, permit)  # at the headers: a long stream must not hold the probe
+        permit = None
         emit(AttemptFinished(route.name, attempt, category, up.status if up else None, clock() - began))
         outcome = Outcome(attempt, verdict, None, up, prefetched, complete, error)
         if category == "ok":

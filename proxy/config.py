@@ -109,6 +109,7 @@ class Breaker(msgspec.Struct, **_STRUCT):
     failure_threshold: PositiveInt = 5
     reset_timeout: Duration = Duration(30)
     count: tuple[CategoryName, ...] = ("connect", "network", "timeout", "server", "invalid_response")
+    group: str | None = None  # routes naming the same group share one breaker (one upstream, one fate)
 
 
 class Policy(msgspec.Struct, **_STRUCT):
@@ -310,7 +311,22 @@ def _build_routes(specs: list[dict[str, Any]], defaults_raw: dict[str, Any], def
         policy = _convert(_merge(defaults_raw, sections), Policy, source, key) if sections else defaults
         _check_policy(policy, source, key + ".")
         routes.append(Route(spec.name, methods, pattern, policy))
-    return RouteTable(routes, Route(DEFAULT_ROUTE, None, None, defaults))
+    default = Route(DEFAULT_ROUTE, None, None, defaults)
+    _check_groups([*((f"routes[{i}]", r) for i, r in enumerate(routes)), ("defaults", default)], source)
+    return RouteTable(routes, default)
+
+
+def _check_groups(routes: list[tuple[str, Route[Policy]]], source: str) -> None:
+    """Routes sharing a breaker group must agree on its settings: one breaker has one threshold."""
+    seen: dict[str, tuple[str, Breaker]] = {}
+    for key, route in routes:
+        b = route.policy.breaker
+        if b.group is None:
+            continue
+        if b.group in seen and seen[b.group][1] != b:
+            raise ConfigError(source, f"{key}.breaker", f"breaker group {b.group!r} is set up differently in "
+                                                        f"{seen[b.group][0]}.breaker; a group has one configuration")
+        seen.setdefault(b.group, (key, b))
 
 
 def read_yaml(path: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Observers are plain callables taking an event; they watch, they never steer a re
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -57,7 +58,25 @@ class RequestFinished:
     client_request_id: str | None  # x-client-request-id
 
 
-Event = AttemptFinished | RetryScheduled | RequestFinished
+class BreakerState(enum.IntEnum):
+    """Gauge values of openai_proxy_breaker_state (design.md)."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerChange:
+    """A breaker changed state; `routes` are every route it guards (one, or a group)."""
+
+    breaker: str
+    routes: tuple[str, ...]
+    old: BreakerState
+    new: BreakerState
+
+
+Event = AttemptFinished | RetryScheduled | RequestFinished | BreakerChange
 Observer = Callable[[Event], None]
 
 

@@ -18,13 +18,14 @@ from yarl import URL
 from . import attempt
 from .backoff import Random
 from .body import RequestBody, read_body
-from .classify import Category
+from .classify import Category, Verdict
 from .config import ProxyConfig
-from .errors import upstream_failure
+from .errors import circuit_open, upstream_failure
 from .events import Emitter, RequestFinished
 from .headers import request_headers
 from .policy import RoutePolicy, compile_routes
 from .relay import Delivery, deliver, send_whole
+from .retry import StopReason
 from .upstream import base_url
 
 
@@ -36,10 +37,10 @@ class Forwarder:
     def __init__(self, config: ProxyConfig, emit: Emitter | None = None, *, clock: Callable[[], float] = time.monotonic,
                  rng: Random = random.random, sleep: attempt.Sleep = asyncio.sleep) -> None:
         self.session: aiohttp.ClientSession | None = None  # set by the app's cleanup_ctx
-        self._routes = compile_routes(config, clock)
+        self._emit = emit or Emitter()
+        self._routes = compile_routes(config, clock, self._emit)
         self._base = base_url(config.upstream.url)
         self._host = URL(config.upstream.url).host or config.upstream.url
-        self._emit = emit or Emitter()
         self._clock, self._rng, self._sleep = clock, rng, sleep
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -50,15 +51,27 @@ class Forwarder:
         body: RequestBody | None = None
         ttfb: float | None = None
         try:
-            body = await read_body(request, route.replay_limit)
-            route.budget.deposit()
-            ex = attempt.Exchange(request.method, request.raw_path, request_headers(request.headers), body, start,
-                                  attempt.client_deadline(request.headers, start, route.total))
-            assert self.session is not None
-            outcome = await attempt.run(self.session, self._base, route, ex, self._emit,
-                                        clock=self._clock, rng=self._rng, sleep=self._sleep)
+            permit = route.breaker.allow()  # before reading the body: an open breaker answers at once
+            if permit is None:
+                outcome = attempt.Outcome(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
+            else:
+                try:
+                    body = await read_body(request, route.replay_limit)
+                except BaseException:
+                    route.breaker.release(permit)
+                    raise
+                route.budget.deposit()
+                ex = attempt.Exchange(request.method, request.raw_path, request_headers(request.headers), body,
+                                      start, attempt.client_deadline(request.headers, start, route.total))
+                assert self.session is not None
+                outcome = await attempt.run(self.session, self._base, route, ex, self._emit, permit,
+                                            clock=self._clock, rng=self._rng, sleep=self._sleep)
             extra = _coordination_headers(outcome, route)
             ttfb = self._clock() - start
+            if outcome.verdict.category is Category.CIRCUIT_OPEN:
+                resp = circuit_open(route.breaker.name, route.breaker.retry_after(), extra).response()
+                delivery = await send_whole(request, resp, Category.CIRCUIT_OPEN)
+                return resp
             if outcome.response is None:
                 assert outcome.error is not None
                 resp = upstream_failure(
@@ -69,6 +82,8 @@ class Forwarder:
                 return resp
             stream, delivery = await deliver(request, outcome.response, outcome.prefetched, outcome.complete, extra,
                                              route.idle, outcome.verdict.category)
+            if delivery.category is not outcome.verdict.category:
+                route.breaker.record(delivery.category)  # the stream broke after the commit
             return stream
         finally:
             self._finished(request, route, start, ttfb, body, outcome, delivery)
@@ -99,6 +114,8 @@ def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy) -> dict[
     retries. A route with max_attempts 1 leaves the SDK's retries alone.
     """
     extra = {"x-proxy-attempts": str(outcome.attempts)}
-    if outcome.verdict.category != Category.OK and route.retry.retries_enabled:
+    category = outcome.verdict.category
+    # circuit_open carries retry-after instead: the SDK should come back when a probe may pass
+    if category is not Category.OK and category is not Category.CIRCUIT_OPEN and route.retry.retries_enabled:
         extra["x-should-retry"] = "false"
     return extra

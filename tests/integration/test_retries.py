@@ -171,7 +171,8 @@ async def test_upstream_x_should_retry_false_stops_the_proxy(proxy, mock: MockUp
 async def test_budget_exhaustion_under_a_burst(start_proxy, mock: MockUpstream, recorder):
     proxy = await start_proxy({"defaults": {"retry": {"max_attempts": 2,
                                                       "budget": {"ratio": 0.0, "min_per_second": 0.1,
-                                                                 "window": "10s"}}}})  # one retry per window
+                                                                 "window": "10s"}},
+                                             "breaker": {"failure_threshold": 100}}})  # one retry per window
     mock.script(PATH, *[server_error()] * 50)
     async with sdk(proxy) as client:
         results = await asyncio.gather(*[client.chat.completions.create(**CHAT) for _ in range(5)],

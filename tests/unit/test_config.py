@@ -144,6 +144,10 @@ def test_overrides_beat_the_file(tmp_path):
     ("routes:\n  - name: a\n    path: /v1/x\n    timeouts: {idle: soon}\n",
      'config.yaml: routes[0].timeouts.idle: expected a duration like "250ms", "5s" or "2m", got \'soon\''),
     ("routes:\n  - name: a\n    path: /v1/x\n    retry: {colour: red}\n", "config.yaml: routes[0].retry: unknown key 'colour'"),
+    ("routes:\n  - {name: a, path: /v1/a, breaker: {group: up}}\n"
+     "  - {name: b, path: /v1/b, breaker: {group: up, failure_threshold: 9}}\n",
+     "config.yaml: routes[1].breaker: breaker group 'up' is set up differently in routes[0].breaker; "
+     "a group has one configuration"),
     ("log: {level: loud}\n", "config.yaml: log.level: expected one of debug, info, warning, error, got 'loud'"),
     ("- a\n- b\n", "config.yaml: expected a mapping of settings at the top level, got list"),
     ("listen:\n  port: [1\n", "config.yaml: line 3, column 1: YAML syntax error: expected ',' or ']', but got '<stream end>'"),

@@ -1,0 +1,118 @@
+"""Circuit breakers: pybreaker's state machine behind a two-method adapter.
+
+The breaker observes classified outcomes, it does not wrap the request: `allow()` before an
+attempt, `record(category)` once its response headers are classified (so a 10-minute stream
+does not hold the half-open probe), and again if the stream breaks after the commit.
+pybreaker's own async path needs tornado and admits every concurrent caller when half-open;
+here half-open admits exactly one probe at a time (Linkerd's probation), and the open period is
+timed on an injected monotonic clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+
+import pybreaker
+
+from .classify import Category
+from .events import BreakerChange, BreakerState as State
+
+
+_STATES = {pybreaker.STATE_CLOSED: State.CLOSED, pybreaker.STATE_HALF_OPEN: State.HALF_OPEN,
+           pybreaker.STATE_OPEN: State.OPEN}
+
+
+class Permit(enum.Enum):
+    PASS = "pass"
+    PROBE = "probe"  # the one half-open trial
+
+
+class _Failure(Exception):
+    """What the adapter feeds pybreaker for a counted failure category."""
+
+
+def _ok() -> None:
+    return None
+
+
+def _fail() -> None:
+    raise _Failure
+
+
+class Breaker:
+    __slots__ = ("name", "routes", "_cb", "_count", "_reset", "_clock", "_opened_at", "_probing", "_notify")
+
+    def __init__(self, name: str, routes: tuple[str, ...], *, failure_threshold: int, reset_timeout: float,
+                 count: frozenset[Category], clock: Callable[[], float],
+                 notify: Callable[[BreakerChange], None] = lambda change: None) -> None:
+        self.name = name
+        self.routes = routes
+        self._count = count
+        self._reset = reset_timeout
+        self._clock = clock
+        self._opened_at = 0.0
+        self._probing = False
+        self._notify = notify
+        self._cb = pybreaker.CircuitBreaker(fail_max=failure_threshold, reset_timeout=reset_timeout, name=name,
+                                            throw_new_error_on_trip=False, listeners=[_Listener(self)])
+
+    @property
+    def state(self) -> State:
+        return _STATES[self._cb.current_state]
+
+    def allow(self) -> Permit | None:
+        """A permit for one attempt, or None: the breaker is open (or its one probe is out)."""
+        state = self._cb.current_state
+        if state == pybreaker.STATE_CLOSED:
+            return Permit.PASS
+        if state == pybreaker.STATE_OPEN:
+            if self._clock() - self._opened_at < self._reset:
+                return None
+            self._cb.half_open()
+        if self._probing:
+            return None
+        self._probing = True
+        return Permit.PROBE
+
+    def record(self, category: Category, permit: Permit | None = None) -> None:
+        """Feed one classified outcome. Only the `count` categories are failures; any other answer
+        (a 401, a quota 429) shows the upstream is up and counts as a success."""
+        if permit is Permit.PROBE:
+            self._probing = False
+        if self._cb.current_state == pybreaker.STATE_OPEN:
+            return  # a late answer from before the breaker opened
+        if category in self._count:
+            try:
+                self._cb.call(_fail)
+            except _Failure:
+                pass
+        else:
+            self._cb.call(_ok)
+
+    def release(self, permit: Permit | None) -> None:
+        """The attempt ended with no outcome (the client left): free the probe for the next request."""
+        if permit is Permit.PROBE:
+            self._probing = False
+
+    def retry_after(self) -> int:
+        """Whole seconds until the breaker may let a probe through (at least 1)."""
+        if self._cb.current_state != pybreaker.STATE_OPEN:
+            return 1
+        return max(1, math.ceil(self._reset - (self._clock() - self._opened_at)))
+
+    def _changed(self, old: str | None, new: str) -> None:
+        if new == pybreaker.STATE_OPEN:
+            self._opened_at = self._clock()
+            self._probing = False
+        self._notify(BreakerChange(self.name, self.routes, _STATES.get(old or "", State.CLOSED), _STATES[new]))
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, owner: Breaker) -> None:
+        self._owner = owner
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: pybreaker.CircuitBreakerState | None,
+                     new_state: pybreaker.CircuitBreakerState) -> None:
+        self._owner._changed(old_state.name if old_state else None, new_state.name)
