@@ -108,7 +108,12 @@ async def run(session: aiohttp.ClientSession, base: str, route: RoutePolicy, ex:
         category = verdict.category
         breaker.record(category, permit)  # at the headers: a long stream must not hold the probe
         permit = None
-        emit(AttemptFinished(route.name, attempt, category, up.status if up else None, clock() - began))
+        if up is not None:
+            emit(AttemptFinished(route.name, attempt, category, up.status, clock() - began,
+                                 _int(up.headers.get("x-ratelimit-remaining-requests")),
+                                 _int(up.headers.get("x-ratelimit-remaining-tokens"))))
+        else:
+            emit(AttemptFinished(route.name, attempt, category, None, clock() - began))
         outcome = Outcome(attempt, verdict, None, up, prefetched, complete, error)
         if category == "ok":
             return outcome
@@ -124,6 +129,15 @@ async def run(session: aiohttp.ClientSession, base: str, route: RoutePolicy, ex:
         emit(RetryScheduled(route.name, attempt, category, outcome.response.status if outcome.response else None,
                             decision.delay, decision.reason, decision.source))
         await sleep(decision.delay)
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 def client_deadline(headers: Mapping[str, str], start: float, total: float) -> float:

@@ -13,6 +13,13 @@ from .classify import Category
 
 
 @dataclass(frozen=True, slots=True)
+class RequestStarted:
+    """A client request was routed (the in-flight gauge goes up; RequestFinished brings it down)."""
+
+    route: str
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptFinished:
     """One upstream call ended (response headers classified, or an exception)."""
 
@@ -21,6 +28,8 @@ class AttemptFinished:
     category: Category
     status: int | None  # None: no response (connect, network, timeout)
     duration_s: float
+    remaining_requests: int | None = None  # x-ratelimit-remaining-requests, when sent
+    remaining_tokens: int | None = None  # x-ratelimit-remaining-tokens, when sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +85,7 @@ class BreakerChange:
     new: BreakerState
 
 
-Event = AttemptFinished | RetryScheduled | RequestFinished | BreakerChange
+Event = RequestStarted | AttemptFinished | RetryScheduled | RequestFinished | BreakerChange
 Observer = Callable[[Event], None]
 
 

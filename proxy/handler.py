@@ -21,7 +21,7 @@ from .body import RequestBody, read_body
 from .classify import Category, Verdict
 from .config import ProxyConfig
 from .errors import circuit_open, upstream_failure
-from .events import Emitter, RequestFinished
+from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
 from .policy import RoutePolicy, compile_routes
 from .relay import Delivery, deliver, send_whole
@@ -46,6 +46,7 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         start = self._clock()
         route = self._routes.match(request.method, request.path).policy
+        self._emit(RequestStarted(route.name))
         outcome: attempt.Outcome | None = None
         delivery: Delivery | None = None
         body: RequestBody | None = None

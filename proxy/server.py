@@ -13,7 +13,8 @@ import signal
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from .app import SERVER_OPTIONS, create_app
+from .app import SERVER_OPTIONS, create_app, standard_observers
+from . import __version__
 from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
 from .logs import get_logger
@@ -28,7 +29,8 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     state = ServerState()
     registry = CollectorRegistry()
-    runner = web.AppRunner(create_app(config), shutdown_timeout=config.shutdown_grace, **SERVER_OPTIONS)
+    app = create_app(config, standard_observers(config, registry))
+    runner = web.AppRunner(app, shutdown_timeout=config.shutdown_grace, **SERVER_OPTIONS)
     admin = web.AppRunner(create_admin_app(state, registry), shutdown_timeout=1.0, access_log=None)
     await runner.setup()
     await admin.setup()
@@ -42,7 +44,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         state.ready = True
-        log.info("startup", config=effective(config), config_source=config.source)
+        log.info("startup", config=effective(config), config_source=config.source, version=__version__)
         log.info("listening", traffic=_addresses(runner), admin=_addresses(admin), upstream=config.upstream.url)
         await stop.wait()
         state.draining = True

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +20,18 @@ import openai
 import pytest
 import yaml
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy import config as cfg
-from proxy.app import SERVER_OPTIONS, create_app
+from proxy.app import SERVER_OPTIONS, create_app, standard_observers
+from proxy.errors import ProxyError
+from proxy.logs import configure as configure_logs
 from proxy.events import AttemptFinished, Event, RequestFinished, RetryScheduled
 from proxy.testing import MockUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_KEY = "sk-proj-test-0000000000000000000000000000abcd"
+TEST_KEY = "sk-proj-test-0000000000000000000000000000abcd"  # the canary: no output may ever hold it
+CANARY = TEST_KEY[8:-4]  # its secret middle: masking may keep "sk-" and the last four, never this
 
 # Fast but not flaky: first_byte/idle long enough for a loaded CI machine, short where a test needs it.
 FAST_DEFAULTS: dict[str, Any] = {
@@ -57,11 +61,53 @@ async def mock() -> AsyncIterator[MockUpstream]:
         yield m
 
 
+class LeakCheck:
+    """Everything a test made the proxy write, checked for the canary key when the test ends."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.registries: list[CollectorRegistry] = []
+        self.error_bodies: list[bytes] = []
+
+    def check(self, out: str, err: str) -> None:
+        sources = {"stdout": out, "stderr": err}
+        for i, text in enumerate(self.texts):
+            sources[f"proxy process output {i}"] = text
+        for i, registry in enumerate(self.registries):
+            sources[f"/metrics {i}"] = generate_latest(registry).decode()
+        for i, body in enumerate(self.error_bodies):
+            sources[f"proxy-made error body {i}"] = body.decode()
+        leaked = [name for name, text in sources.items() if CANARY in text]
+        assert not leaked, f"the API key leaked into: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+def leaks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakCheck]:
+    """Every test passes through this: nothing it made the proxy write may contain the key."""
+    check = LeakCheck()
+    capfd = request.getfixturevalue("capfd") if "integration" in str(request.path) else None
+    original = ProxyError.response
+
+    def spy(self: ProxyError, extra: Any = None) -> web.Response:
+        resp = original(self, extra)
+        check.error_bodies.append(bytes(resp.body))  # type: ignore[arg-type]
+        return resp
+
+    monkeypatch.setattr(ProxyError, "response", spy)
+    yield check
+    if capfd is not None:
+        out, err = capfd.readouterr()
+        sys.stdout.write(out)  # keep it visible in pytest's report of a failing test
+        sys.stderr.write(err)
+        check.check(out, err)
+
+
 @dataclass
 class RunningProxy:
     url: str  # http://127.0.0.1:PORT
     runner: web.AppRunner
     config: cfg.ProxyConfig
+    registry: CollectorRegistry
 
     @property
     def base_url(self) -> str:
@@ -102,7 +148,8 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
-async def start_proxy(tmp_path: Path, mock: MockUpstream, recorder: Recorder) -> AsyncIterator[ProxyFactory]:
+async def start_proxy(tmp_path: Path, mock: MockUpstream, recorder: Recorder,
+                      leaks: LeakCheck) -> AsyncIterator[ProxyFactory]:
     """Start the traffic app in this event loop on an ephemeral port; upstream defaults to the mock.
 
     Every event goes to `recorder`; `options` inject the forwarder's clock, rng or sleep."""
@@ -111,12 +158,16 @@ async def start_proxy(tmp_path: Path, mock: MockUpstream, recorder: Recorder) ->
     async def start(extra: dict[str, Any] | None = None, upstream: str | None = None, **options: Any) -> RunningProxy:
         path = write_config(tmp_path, upstream or mock.url, extra)
         config = cfg.load(str(path))
-        runner = web.AppRunner(create_app(config, [recorder], **options), shutdown_timeout=2.0, **SERVER_OPTIONS)
+        configure_logs(config.log.level, config.log.format)
+        registry = CollectorRegistry()
+        leaks.registries.append(registry)
+        observers = [*standard_observers(config, registry), recorder]
+        runner = web.AppRunner(create_app(config, observers, **options), shutdown_timeout=2.0, **SERVER_OPTIONS)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         runners.append(runner)
         host, port = runner.addresses[0][:2]
-        return RunningProxy(f"http://{host}:{port}", runner, config)
+        return RunningProxy(f"http://{host}:{port}", runner, config, registry)
 
     yield start
     for r in runners:
@@ -144,7 +195,7 @@ class ProxyProcess:
     traffic: str = ""
     admin: str = ""
     lines: list[dict[str, Any]] = field(default_factory=list)
-    stderr: bytes = b""
+    output: str = ""
 
     async def wait_event(self, event: str, timeout: float = 20) -> dict[str, Any]:
         async def read() -> dict[str, Any]:
@@ -173,8 +224,11 @@ class ProxyProcess:
         self.proc.send_signal(sig)
 
     async def finish(self, timeout: float = 20) -> tuple[int, str, str]:
-        """Wait for exit; returns (code, rest of stdout, stderr)."""
+        """Wait for exit; returns (code, rest of stdout, stderr). Kept in `output` for the leak check."""
+        if self.proc.returncode is not None and self.output:
+            return self.proc.returncode, "", ""
         out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        self.output += out.decode() + err.decode()
         return self.proc.returncode or 0, out.decode(), err.decode()
 
 
@@ -194,7 +248,7 @@ async def spawn_proxy(*args: str, env: dict[str, str] | None = None, wait_listen
 
 
 @pytest.fixture
-async def proxy_process() -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
+async def proxy_process(leaks: LeakCheck) -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
     procs: list[ProxyProcess] = []
 
     async def start(*args: str, **kw: Any) -> ProxyProcess:
@@ -206,4 +260,5 @@ async def proxy_process() -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]
     for p in procs:
         if p.proc.returncode is None:
             p.proc.kill()
-            await p.proc.wait()
+        await p.finish()
+        leaks.texts.append(json.dumps(p.lines) + p.output)

@@ -1,0 +1,60 @@
+"""Secret masking for anything that leaves the process as text: log lines and rendered exceptions.
+
+Keeps enough to debug (`sk-...abcd`: which key, not the key). Pure string functions; logs.py
+runs `mask_event` as the last processor before rendering, after exceptions are formatted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# OpenAI keys (sk-..., sk-proj-..., sk-svcacct-..., sk-admin-...) and look-alikes in any text
+_SK = re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}")
+# Authorization / api-key header values, in "Name: value" or JSON/repr "'name': 'value'" forms
+_HEADER = re.compile(
+    r"""(?ix)(\b(?:authorization|proxy-authorization|api-key|x-api-key|openai-api-key)\b["']?\s*[:=]\s*["']?)
+        ((?:bearer|basic)\s+)?([^\s"',;}\]]+)""")
+# key=..., api_key=..., api-key=..., access_token=... in URLs and query strings
+_QUERY = re.compile(r"(?i)([?&;](?:key|api_key|api-key|apikey|access_token|token)=)([^&#\s\"']+)")
+# user:password@ in URLs
+_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://)([^/@\s:]+):([^/@\s]+)@")
+
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "openai-api-key"})
+
+
+def _tail(secret: str) -> str:
+    return f"...{secret[-4:]}" if len(secret) >= 12 else "..."
+
+
+def mask_token(secret: str) -> str:
+    """`sk-proj-abc...wxyz` -> `sk-...wxyz`; anything else -> `...wxyz` (or `...` when short)."""
+    if "..." in secret:
+        return secret  # masked already
+    return ("sk-" if secret.startswith("sk-") else "") + _tail(secret)
+
+
+def mask(text: str) -> str:
+    if not text:
+        return text
+    text = _HEADER.sub(lambda m: m.group(1) + (m.group(2) or "") + mask_token(m.group(3)), text)
+    text = _SK.sub(lambda m: mask_token(m.group(0)), text)
+    text = _QUERY.sub(lambda m: m.group(1) + mask_token(m.group(2)), text)
+    return _USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}:***@", text)
+
+
+def mask_value(value: Any) -> Any:
+    """Mask every string inside nested dicts, lists and tuples; other values pass unchanged."""
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {k: (mask_token(v) if isinstance(v, str) and str(k).lower() in SECRET_HEADERS else mask_value(v))
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [mask_value(v) for v in value]
+    return value
+
+
+def mask_event(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: the last one before the renderer."""
+    return mask_value(event_dict)  # type: ignore[no-any-return]
