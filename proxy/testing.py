@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from aiohttp import MultipartReader, StreamReader, web
+from aiohttp import HttpVersion11, MultipartReader, StreamReader, web
 from multidict import CIMultiDict
 
 __all__ = [
@@ -269,7 +269,8 @@ class _Reply:
 
     @classmethod
     def sse(cls, frames: list[bytes], tail: tuple[bytes, ...]) -> _Reply:
-        headers = CIMultiDict({"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
+        headers = CIMultiDict({"Content-Type": "text/event-stream; charset=utf-8"})
+        headers["Cache-Control"] = "no-cache"
         return cls(frames, None, 200, headers, tail)
 
 
@@ -342,14 +343,14 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
         ("POST", r"/v1/embeddings", "_embeddings"),
         ("GET", r"/v1/models", "_models"),
         ("POST", r"/v1/files", "_file_upload"),
-        ("GET", r"/v1/files/(?P<id>[^/]+)/content", "_file_content"),
+        ("GET", r"/v1/files/(?P<ident>[^/]+)/content", "_file_content"),
         ("POST", r"/v1/uploads", "_upload_create"),
-        ("POST", r"/v1/uploads/(?P<id>[^/]+)/parts", "_upload_part"),
-        ("POST", r"/v1/uploads/(?P<id>[^/]+)/complete", "_upload_complete"),
+        ("POST", r"/v1/uploads/(?P<ident>[^/]+)/parts", "_upload_part"),
+        ("POST", r"/v1/uploads/(?P<ident>[^/]+)/complete", "_upload_complete"),
         ("POST", r"/v1/images/edits", "_image_edit"),
         ("POST", r"/v1/videos", "_video_create"),
-        ("GET", r"/v1/videos/(?P<id>[^/]+)", "_video_get"),
-        ("GET", r"/v1/videos/(?P<id>[^/]+)/content", "_video_content"),
+        ("GET", r"/v1/videos/(?P<ident>[^/]+)", "_video_get"),
+        ("GET", r"/v1/videos/(?P<ident>[^/]+)/content", "_video_content"),
     )
 )
 
@@ -467,8 +468,8 @@ class MockUpstream:
             self._arrivals.notify_all()
         ex = _Exchange(request, rec, len(self.received))
         task = asyncio.current_task()
-        if task is not None:
-            self._inflight.add(task)
+        assert task is not None
+        self._inflight.add(task)
         try:
             return await self._serve(ex)
         except asyncio.CancelledError:
@@ -480,7 +481,7 @@ class MockUpstream:
             self._peer_gone(ex)
             return web.Response(status=500)
         finally:
-            self._inflight.discard(cast(asyncio.Task[Any], task))
+            self._inflight.discard(task)
 
     def _peer_gone(self, ex: _Exchange) -> None:
         if not ex.aborted and not self._closing:
@@ -506,8 +507,9 @@ class MockUpstream:
         return await self._send(ex, reply)
 
     async def _normal_reply(self, ex: _Exchange) -> _Reply:
+        wanted = "GET" if ex.request.method == "HEAD" else ex.request.method  # HEAD: GET's headers
         for method, pattern, handler in _ROUTES:
-            if ex.request.method == method and (match := pattern.fullmatch(ex.rec.path)):
+            if wanted == method and (match := pattern.fullmatch(ex.rec.path)):
                 return cast(_Reply, await getattr(self, handler)(ex, **match.groupdict()))
         return await self._echo(ex)
 
@@ -548,7 +550,7 @@ class MockUpstream:
     async def _read_form(self, ex: _Exchange) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
         """Stream a multipart body: text fields are returned, file parts only as size/sha256/filename.
 
-        A JSON body is accepted too (``videos.create`` without a file is sent as one).
+        A JSON body is accepted too: its string members come back as the fields.
         """
         if not ex.request.content_type.startswith("multipart/"):
             return {k: v for k, v in (await self._read_json(ex)).items() if isinstance(v, str)}, {}
@@ -625,7 +627,7 @@ class MockUpstream:
             await asyncio.sleep(seconds)
 
     async def _send(self, ex: _Exchange, reply: _Reply) -> web.StreamResponse:
-        """Send ``reply``, bent by the request's step (Stall, SSECut, SSEErrorFrame, CutBody, SetCookie)."""
+        """Send ``reply`` as bent by the request's step (Stall, SSECut, SSEErrorFrame, CutBody, SetCookie)."""
         step = ex.rec.step
         headers = CIMultiDict({"x-request-id": f"req_mock_{ex.n}"})
         headers.update(reply.headers)
@@ -634,12 +636,15 @@ class MockUpstream:
         resp = web.StreamResponse(status=reply.status, headers=headers)
         if reply.length is not None:
             resp.content_length = reply.length
+        elif ex.request.version < HttpVersion11:
+            # Close-delimited body: aiohttp 3.14 computes keep_alive=False here but never stores
+            # it, so a keep-alive HTTP/1.0 client would wait forever for the end.
+            resp.force_close()
         await resp.prepare(ex.request)
         # A StreamResponse (unlike web.Response) would write a body even where HTTP forbids one.
         bodyless = ex.request.method == "HEAD" or reply.status in (204, 304) or reply.status < 200
         pieces = iter(() if bodyless else reply.pieces)
-        if bodyless:
-            reply.tail = ()
+        tail = () if bodyless else reply.tail
         if isinstance(step, (Stall, SSEErrorFrame, SSECut)):
             for piece in itertools.islice(pieces, step.after_events):
                 if not await self._write(ex, resp, piece):
@@ -654,7 +659,7 @@ class MockUpstream:
             else:
                 await self._abort(ex)
                 return resp
-        for piece in itertools.chain(pieces, reply.tail):
+        for piece in itertools.chain(pieces, tail):
             if not await self._write(ex, resp, piece):
                 return resp
         if ex.budget is not None:  # CutBody larger than the body: still never end cleanly
@@ -667,8 +672,10 @@ class MockUpstream:
     async def _chat(self, ex: _Exchange) -> _Reply:
         params = await self._read_json(ex)
         model = params.get("model", "gpt-4o")
-        usage = {"prompt_tokens": 9, "completion_tokens": self.sse_events, "total_tokens": 9 + self.sse_events}
-        base = {"id": f"chatcmpl-mock-{ex.n}", "created": CREATED, "model": model, "system_fingerprint": "fp_mock"}
+        usage = {"prompt_tokens": 9, "completion_tokens": self.sse_events,
+                 "total_tokens": 9 + self.sse_events}
+        base = {"id": f"chatcmpl-mock-{ex.n}", "created": CREATED, "model": model,
+                "system_fingerprint": "fp_mock"}
         if not params.get("stream"):
             message = {"role": "assistant", "content": HELLO, "refusal": None}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
@@ -735,7 +742,8 @@ class MockUpstream:
 
         frames = [
             frame("response.created", response=self._response_object(ex, model, "in_progress", None)),
-            frame("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []}),
+            frame("response.output_item.added", output_index=0,
+                  item={**item, "status": "in_progress", "content": []}),
             frame("response.content_part.added", **where, part={**part, "text": ""}),
             *(frame("response.output_text.delta", **where, delta=tok, logprobs=[]) for tok in tokens),
             frame("response.output_text.done", **where, text=text, logprobs=[]),
@@ -748,7 +756,8 @@ class MockUpstream:
     async def _embeddings(self, ex: _Exchange) -> _Reply:
         params = await self._read_json(ex)
         inputs = params.get("input", "")
-        count = len(inputs) if isinstance(inputs, list) and inputs and isinstance(inputs[0], (str, list)) else 1
+        batched = isinstance(inputs, list) and inputs and isinstance(inputs[0], (str, list))
+        count = len(inputs) if batched else 1  # a str or one token list is a single input
         dims = int(params.get("dimensions") or 8)
         data = []
         for i in range(count):
@@ -777,37 +786,37 @@ class MockUpstream:
     async def _file_upload(self, ex: _Exchange) -> _Reply:
         fields, files = await self._read_form(ex)
         upload = files.get("file", {"size": 0, "sha256": hashlib.sha256().hexdigest(), "filename": "upload"})
-        obj = self._file_object(f"file-mock-{ex.n}", upload["size"], upload["filename"], fields.get("purpose", "user_data"))
+        purpose = fields.get("purpose", "user_data")
+        obj = self._file_object(f"file-mock-{ex.n}", upload["size"], upload["filename"], purpose)
         return _Reply.json({**obj, "sha256": upload["sha256"]})
 
-    async def _file_content(self, ex: _Exchange, id: str) -> _Reply:  # noqa: A002
+    async def _file_content(self, ex: _Exchange, ident: str) -> _Reply:
         await self._read_body(ex)
-        size = _sized(id, "file-size-")
+        size = _sized(ident, "file-size-")
         return _Reply(mock_bytes(size), size, 200, CIMultiDict({"Content-Type": "application/octet-stream"}))
 
     async def _upload_create(self, ex: _Exchange) -> _Reply:
         params = await self._read_json(ex)
         upload = {"id": f"upload_mock_{ex.n}", "object": "upload", "bytes": int(params.get("bytes", 0)),
                   "created_at": CREATED, "expires_at": CREATED + 3600,
-                  "filename": params.get("filename", "upload.bin"), "purpose": params.get("purpose", "user_data"),
-                  "status": "pending", "file": None}
+                  "filename": params.get("filename", "upload.bin"),
+                  "purpose": params.get("purpose", "user_data"), "status": "pending", "file": None}
         self._uploads[upload["id"]] = upload
         return _Reply.json(upload)
 
-    async def _upload_part(self, ex: _Exchange, id: str) -> _Reply:  # noqa: A002
+    async def _upload_part(self, ex: _Exchange, ident: str) -> _Reply:
         _, files = await self._read_form(ex)
         data = files.get("data", {"size": 0, "sha256": hashlib.sha256().hexdigest()})
         return _Reply.json({"id": f"part_mock_{ex.n}", "object": "upload.part", "created_at": CREATED,
-                            "upload_id": id, "sha256": data["sha256"], "bytes": data["size"]})
+                            "upload_id": ident, "sha256": data["sha256"], "bytes": data["size"]})
 
-    async def _upload_complete(self, ex: _Exchange, id: str) -> _Reply:  # noqa: A002
+    async def _upload_complete(self, ex: _Exchange, ident: str) -> _Reply:
         await self._read_json(ex)
-        upload = self._uploads.get(id) or {
-            "id": id, "object": "upload", "bytes": 0, "created_at": CREATED, "expires_at": CREATED + 3600,
+        upload = self._uploads.get(ident) or {
+            "id": ident, "object": "upload", "bytes": 0, "created_at": CREATED, "expires_at": CREATED + 3600,
             "filename": "upload.bin", "purpose": "user_data"}
-        done = {**upload, "status": "completed",
-                "file": self._file_object(f"file-mock-{ex.n}", upload["bytes"], upload["filename"], upload["purpose"])}
-        return _Reply.json(done)
+        file = self._file_object(f"file-mock-{ex.n}", upload["bytes"], upload["filename"], upload["purpose"])
+        return _Reply.json({**upload, "status": "completed", "file": file})
 
     async def _image_edit(self, ex: _Exchange) -> _Reply:
         _, files = await self._read_form(ex)
@@ -825,13 +834,13 @@ class MockUpstream:
         fields, files = await self._read_form(ex)
         return _Reply.json({**self._video_object(f"video-mock-{ex.n}", fields, False), "received": files})
 
-    async def _video_get(self, ex: _Exchange, id: str) -> _Reply:  # noqa: A002
+    async def _video_get(self, ex: _Exchange, ident: str) -> _Reply:
         await self._read_body(ex)
-        return _Reply.json(self._video_object(id, {}, True))
+        return _Reply.json(self._video_object(ident, {}, True))
 
-    async def _video_content(self, ex: _Exchange, id: str) -> _Reply:  # noqa: A002
+    async def _video_content(self, ex: _Exchange, ident: str) -> _Reply:
         await self._read_body(ex)
-        size = _sized(id, "video-size-")
+        size = _sized(ident, "video-size-")
         return _Reply(mock_bytes(size), size, 200, CIMultiDict({"Content-Type": "video/mp4"}))
 
     async def _echo(self, ex: _Exchange) -> _Reply:

@@ -265,3 +265,22 @@ async def test_client_disconnect_mid_upload_cancels_upstream(proxy, mock):
             await task
     rec = mock.requests_to("/v1/files")[0]
     await asyncio.wait_for(rec.cancelled.wait(), 10)
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_bodyless_statuses_keep_the_connection_clean(proxy: RunningProxy, mock, status):
+    mock.script("/v1/echo/empty", Respond(status, None), Respond(200, {"after": True}))
+    async with aiohttp.ClientSession() as s:  # one keep-alive connection for both requests
+        async with s.get(proxy.url + "/v1/echo/empty") as r:
+            assert r.status == status and await r.read() == b""
+        async with s.get(proxy.url + "/v1/echo/empty") as r:
+            assert r.status == 200 and await r.json() == {"after": True}
+
+
+async def test_head_without_length_keeps_the_connection_clean(proxy: RunningProxy, mock):
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.head(proxy.url + "/v1/echo/head") as r:
+                assert r.status == 200 and await r.read() == b""
+        async with s.get(proxy.url + "/v1/models") as r:
+            assert r.status == 200 and (await r.json())["object"] == "list"
