@@ -18,6 +18,8 @@ from .logs import configure
 from .server import StartupError, serve
 
 PROG = "openai-resilience-proxy"
+# Read when no --config or PROXY_CONFIG is given and the file exists (the container image's mount point).
+SYSTEM_CONFIG = "/etc/openai-resilience-proxy/config.yaml"
 
 # (flag dest, environment variable, config key path)
 _SETTINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -32,7 +34,8 @@ _SETTINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="A resilience proxy for the OpenAI API.")
-    p.add_argument("--config", metavar="PATH", help="YAML config file (env PROXY_CONFIG)")
+    p.add_argument("--config", metavar="PATH",
+                   help=f"YAML config file (env PROXY_CONFIG; default {SYSTEM_CONFIG} when it exists)")
     p.add_argument("--host", help="traffic listener address (env PROXY_HOST; default 127.0.0.1)")
     p.add_argument("--port", help="traffic listener port (env PROXY_PORT; default 8080)")
     p.add_argument("--admin-port", help="admin listener port: /metrics /healthz /readyz (env PROXY_ADMIN_PORT; default 9090)")
@@ -55,7 +58,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> cfg.ProxyConfi
             overrides.append(("--" + dest.replace("_", "-"), keys, value))
     if args.log_format:
         overrides.append(("--log-format", ("log", "format"), args.log_format))
-    path = args.config or env.get("PROXY_CONFIG") or None
+    path = args.config or env.get("PROXY_CONFIG") or (SYSTEM_CONFIG if os.path.isfile(SYSTEM_CONFIG) else None)
     return cfg.load(path, overrides)
 
 
