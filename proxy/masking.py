@@ -20,6 +20,9 @@ _QUERY = re.compile(r"(?i)([?&;](?:key|api_key|api-key|apikey|access_token|token
 # user:password@ in URLs
 _USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://)([^/@\s:]+):([^/@\s]+)@")
 
+# Every pattern above needs one of these; most log strings have none and skip the regexes.
+_TRIGGER = re.compile(r"(?i)sk-|auth|api|key|token|://")
+
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "openai-api-key"})
 
 
@@ -35,7 +38,7 @@ def mask_token(secret: str) -> str:
 
 
 def mask(text: str) -> str:
-    if not text:
+    if not text or _TRIGGER.search(text) is None:
         return text
     text = _HEADER.sub(lambda m: m.group(1) + (m.group(2) or "") + mask_token(m.group(3)), text)
     text = _SK.sub(lambda m: mask_token(m.group(0)), text)
