@@ -1,0 +1,39 @@
+"""Launch the proxy exactly as `python -m proxy ARGS...` does, with benchmark-only knobs.
+
+  BENCH_SMALL_BODY=N   set proxy.relay.SMALL_BODY = N bytes before starting (0: stream every
+                       response body chunk by chunk; unset: the shipped default, 64 KiB). Modules
+                       that copied the name (`from .relay import SMALL_BODY`, e.g. proxy.attempt)
+                       are patched too; the patched modules are printed on stderr.
+  BENCH_CPROFILE=PATH  run under cProfile and write the stats to PATH when the proxy stops
+                       (SIGTERM/SIGINT make it drain and return normally)
+
+Benchmark use only (bench/compare.sh, docs/benchmarks.md); not part of the package or the tests.
+"""
+import os
+import sys
+
+import proxy.relay
+from proxy.__main__ import main  # imports every module of the hot path
+
+if __name__ == "__main__":
+    small = os.environ.get("BENCH_SMALL_BODY")
+    if small not in (None, ""):
+        patched = []
+        for name, mod in sorted(sys.modules.items()):
+            if (name == "proxy" or name.startswith("proxy.")) and hasattr(mod, "SMALL_BODY"):
+                mod.SMALL_BODY = int(small)
+                patched.append(name)
+        print(f"run_proxy: SMALL_BODY={small} set in {','.join(patched)}", file=sys.stderr, flush=True)
+    else:
+        print(f"run_proxy: SMALL_BODY={proxy.relay.SMALL_BODY} (default)", file=sys.stderr, flush=True)
+    out = os.environ.get("BENCH_CPROFILE")
+    if out:
+        import cProfile
+
+        prof = cProfile.Profile()
+        try:
+            rc = prof.runcall(main, sys.argv[1:])
+        finally:
+            prof.dump_stats(out)
+        sys.exit(rc)
+    sys.exit(main(sys.argv[1:]))
