@@ -9,13 +9,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
-from multidict import CIMultiDict
+from yarl import URL
 
 from .backoff import Random, parse_retry_after
 from .body import RequestBody
 from .breaker import Permit
 from .classify import ERROR_BODY_LIMIT, Category, Verdict, classify_exception, classify_status
 from .events import AttemptFinished, Emitter, RetryScheduled
+from .headers import Headers
 from .policy import RoutePolicy
 from .relay import SMALL_BODY, UPSTREAM_ERRORS
 from .retry import RetryAfter, StopReason, decide
@@ -42,8 +43,8 @@ class Exchange:
     """The request side of one client request, fixed before the first attempt."""
 
     method: str
-    raw_path: str
-    headers: CIMultiDict[str]
+    url: URL
+    headers: Headers
     body: RequestBody
     start: float  # monotonic
     deadline: float  # monotonic: no retry waits past it (timeouts.total, or the client's own timeout)
@@ -72,7 +73,7 @@ async def _prefetch(up: aiohttp.ClientResponse, method: str) -> tuple[bytes | No
     return b"".join(parts), False
 
 
-async def run(session: aiohttp.ClientSession, base: str, route: RoutePolicy, ex: Exchange, emit: Emitter,
+async def run(session: aiohttp.ClientSession, route: RoutePolicy, ex: Exchange, emit: Emitter,
               permit: Permit | None, *, clock: Callable[[], float], rng: Random, sleep: Sleep) -> Outcome:
     """Attempts until one succeeds or the policy stops. `permit` is the breaker's for attempt 1
     (the handler asks before reading the body); every later attempt asks again."""
@@ -86,11 +87,11 @@ async def run(session: aiohttp.ClientSession, base: str, route: RoutePolicy, ex:
             if permit is None:
                 return Outcome(attempt - 1, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
         began = clock()
-        timeout = aiohttp.ClientTimeout(total=max(ex.start + route.total - began, 0.001),
-                                        sock_connect=route.connect, sock_read=route.first_byte)
+        timeout = route.timeout if attempt == 1 else aiohttp.ClientTimeout(
+            total=max(ex.start + route.total - began, 0.001), sock_connect=route.connect, sock_read=route.first_byte)
         up: aiohttp.ClientResponse | None = None
         try:
-            up = await send(session, ex.method, base, ex.raw_path, ex.headers, ex.body, timeout)
+            up = await send(session, ex.method, ex.url, ex.headers, ex.body, timeout)
             prefetched, complete = await _prefetch(up, ex.method)
             verdict = classify_status(up.status, prefetched)
             error: BaseException | None = None

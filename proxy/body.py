@@ -7,6 +7,7 @@ such a request cannot be retried, which `RequestBody.replayable` says up front.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -27,22 +28,29 @@ class RequestBody:
 EMPTY = RequestBody(None, True, 0)
 
 
-async def _rest(prefix: list[bytes], request: web.Request) -> AsyncIterator[bytes]:
+async def _rest(prefix: list[bytes], request: web.BaseRequest) -> AsyncIterator[bytes]:
     for chunk in prefix:
         yield chunk
     async for chunk in request.content.iter_any():
         yield chunk
 
 
-async def read_body(request: web.Request, replay_limit: int) -> RequestBody:
+class IncompleteBody(Exception):
+    """The client sent fewer bytes than its Content-Length said, then stopped."""
+
+
+async def read_body(request: web.BaseRequest, replay_limit: int) -> RequestBody:
     """Decide replayability from Content-Length when sent; for chunked bodies, by reading up to the limit."""
     if not request.body_exists:
         return EMPTY
     length = request.content_length
     if length is not None:
         if length <= replay_limit:
-            data = await request.read()
-            return RequestBody(data, True, len(data))
+            try:
+                data = await request.content.readexactly(length)
+            except asyncio.IncompleteReadError:
+                raise IncompleteBody from None
+            return RequestBody(data, True, length)
         return RequestBody(_rest([], request), False, length)
     # chunked upload: buffer until the limit, then stream the rest through
     chunks: list[bytes] = []

@@ -35,6 +35,9 @@ class ProxyError:
         return resp
 
 
+INCOMPLETE_BODY = ProxyError(400, "incomplete_request_body",
+                             "The request body ended before the length its Content-Length header announced.")
+
 # design.md, "Interfaces": the status and code of each proxy-made error
 STATUS_AND_CODE: Mapping[Category, tuple[int, str]] = {
     Category.CONNECT: (502, "upstream_connect_error"),

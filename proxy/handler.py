@@ -17,33 +17,33 @@ from yarl import URL
 
 from . import attempt
 from .backoff import Random
-from .body import RequestBody, read_body
+from .body import IncompleteBody, RequestBody, read_body
 from .classify import Category, Verdict
 from .config import ProxyConfig
-from .errors import circuit_open, upstream_failure
+from .errors import INCOMPLETE_BODY, circuit_open, upstream_failure
 from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
 from .policy import RoutePolicy, compile_routes
 from .relay import Delivery, deliver, send_whole
 from .retry import StopReason
-from .upstream import base_url
+from .upstream import UrlCache
 
 
 class Forwarder:
     """Bound to one session and one compiled config; holds no per-request state."""
 
-    __slots__ = ("session", "_routes", "_base", "_host", "_emit", "_clock", "_rng", "_sleep")
+    __slots__ = ("session", "_routes", "_url", "_host", "_emit", "_clock", "_rng", "_sleep")
 
     def __init__(self, config: ProxyConfig, emit: Emitter | None = None, *, clock: Callable[[], float] = time.monotonic,
                  rng: Random = random.random, sleep: attempt.Sleep = asyncio.sleep) -> None:
         self.session: aiohttp.ClientSession | None = None  # set by the app's cleanup_ctx
         self._emit = emit or Emitter()
         self._routes = compile_routes(config, clock, self._emit)
-        self._base = base_url(config.upstream.url)
+        self._url = UrlCache(config.upstream.url)
         self._host = URL(config.upstream.url).host or config.upstream.url
         self._clock, self._rng, self._sleep = clock, rng, sleep
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         start = self._clock()
         route = self._routes.match(request.method, request.path).policy
         self._emit(RequestStarted(route.name))
@@ -58,14 +58,18 @@ class Forwarder:
             else:
                 try:
                     body = await read_body(request, route.replay_limit)
-                except BaseException:
+                except BaseException as exc:
                     route.breaker.release(permit)
+                    if isinstance(exc, IncompleteBody):
+                        resp = INCOMPLETE_BODY.response()
+                        delivery = await send_whole(request, resp, Category.OK)
+                        return resp
                     raise
                 route.budget.deposit()
-                ex = attempt.Exchange(request.method, request.raw_path, request_headers(request.headers), body,
-                                      start, attempt.client_deadline(request.headers, start, route.total))
+                ex = attempt.Exchange(request.method, self._url(request.raw_path), request_headers(request.headers),
+                                      body, start, attempt.client_deadline(request.headers, start, route.total))
                 assert self.session is not None
-                outcome = await attempt.run(self.session, self._base, route, ex, self._emit, permit,
+                outcome = await attempt.run(self.session, route, ex, self._emit, permit,
                                             clock=self._clock, rng=self._rng, sleep=self._sleep)
             extra = _coordination_headers(outcome, route)
             ttfb = self._clock() - start
@@ -89,7 +93,7 @@ class Forwarder:
         finally:
             self._finished(request, route, start, ttfb, body, outcome, delivery)
 
-    def _finished(self, request: web.Request, route: RoutePolicy, start: float, ttfb: float | None,
+    def _finished(self, request: web.BaseRequest, route: RoutePolicy, start: float, ttfb: float | None,
                   body: RequestBody | None, outcome: attempt.Outcome | None, delivery: Delivery | None) -> None:
         h = request.headers
         lang = h.get("x-stainless-lang")

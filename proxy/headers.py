@@ -16,32 +16,33 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 
+Headers = list[tuple[str, str]]  # aiohttp copies headers on the way in, so a list is the cheapest carrier
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "keep-alive, close", "close, keep-alive", "upgrade"})
+
+
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     values = headers.getall("Connection", ())
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
-def _filter(headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    if "Connection" in headers:
+def _filter(headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]) -> Headers:
+    connection = headers.get("Connection")
+    if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
         drop = drop | _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low in drop or low.startswith("proxy-"):
-            continue
-        out.add(name, value)
-    return out
+    return [(name, value) for name, value in headers.items()
+            if (low := name.lower()) not in drop and not low.startswith("proxy-")]
 
 
-def request_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def request_headers(headers: CIMultiDictProxy[str]) -> Headers:
     """End-to-end request headers to send upstream, in the client's order and case."""
     return _filter(headers, _REQUEST_DROP)
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(headers: CIMultiDictProxy[str]) -> Headers:
     """End-to-end response headers to send to the client; Content-Encoding stays (no decompression)."""
     return _filter(headers, _RESPONSE_DROP)
 
 
 def is_event_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
+    """Judged on the upstream's headers (a multidict), before they are copied."""
     return headers.get("Content-Type", "").startswith("text/event-stream")

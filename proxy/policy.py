@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import aiohttp
 from dataclasses import dataclass
 
 from .breaker import Breaker
 from .budget import RetryBudget
+from .upstream import client_timeout
 from .classify import Category
 from .config import Policy, ProxyConfig
 from .events import BreakerChange
@@ -23,6 +26,7 @@ class RoutePolicy:
     idle: float
     total: float
     replay_limit: int
+    timeout: aiohttp.ClientTimeout  # the first attempt's; retries get what is left of `total`
     budget: RetryBudget  # live: shared by every request of the route
     breaker: Breaker  # live: the route's own, or its group's
 
@@ -31,7 +35,7 @@ class RoutePolicy:
         t, r = p.timeouts, p.retry
         return cls(
             name=name, retry=RetryPolicy.from_config(r), connect=float(t.connect), first_byte=float(t.first_byte),
-            idle=float(t.idle), total=float(t.total), replay_limit=int(r.replay_limit),
+            idle=float(t.idle), total=float(t.total), replay_limit=int(r.replay_limit), timeout=client_timeout(t),
             budget=RetryBudget(r.budget.ratio, r.budget.min_per_second, float(r.budget.window), clock),
             breaker=breaker,
         )

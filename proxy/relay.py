@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from .classify import Category, classify_exception
-from .headers import is_event_stream, response_headers
+from .headers import Headers, is_event_stream, response_headers
 from .sse import StreamEnd, StreamWatcher, end_markers
 from .upstream import switch_to_idle_timeout
 
@@ -38,7 +38,7 @@ class Delivery:
     upstream_request_id: str | None = None
 
 
-async def send_whole(request: web.Request, resp: web.Response, category: Category) -> Delivery:
+async def send_whole(request: web.BaseRequest, resp: web.Response, category: Category) -> Delivery:
     """Write a response whose body is in memory (prefetched, or proxy-made)."""
     d = Delivery(resp.status, category)
     try:
@@ -50,13 +50,13 @@ async def send_whole(request: web.Request, resp: web.Response, category: Categor
     return d
 
 
-async def deliver(request: web.Request, up: aiohttp.ClientResponse, prefetched: bytes | None, complete: bool,
+async def deliver(request: web.BaseRequest, up: aiohttp.ClientResponse, prefetched: bytes | None, complete: bool,
                   extra: Mapping[str, str], idle: float, category: Category) -> tuple[web.StreamResponse, Delivery]:
     """Send `up` to the client. Owns `up`: it is released or closed on every path out."""
     finished = False
     try:
         headers = response_headers(up.headers)
-        headers.update(extra)
+        headers.extend(extra.items())
         if complete:
             finished = True
             resp: web.StreamResponse = web.Response(status=up.status, reason=up.reason, body=prefetched,
@@ -74,15 +74,15 @@ async def deliver(request: web.Request, up: aiohttp.ClientResponse, prefetched: 
             up.close()  # drop the upstream connection: the exchange did not finish
 
 
-async def _stream(request: web.Request, up: aiohttp.ClientResponse, prefix: bytes | None,
-                  headers: aiohttp.typedefs.LooseHeaders, idle: float,
+async def _stream(request: web.BaseRequest, up: aiohttp.ClientResponse, prefix: bytes | None,
+                  headers: Headers, idle: float,
                   category: Category) -> tuple[web.StreamResponse, Delivery]:
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
     d = Delivery(up.status, category)
     if up.content_length is not None:
         resp.content_length = up.content_length
     watcher = None
-    if is_event_stream(resp.headers):
+    if is_event_stream(up.headers):
         resp.headers["X-Accel-Buffering"] = "no"  # ingress controllers must not batch events
         markers = end_markers(request.method, request.path)
         if markers is not None and up.status == 200:
@@ -125,7 +125,7 @@ async def _stream(request: web.Request, up: aiohttp.ClientResponse, prefix: byte
     return resp, d
 
 
-def _abort(request: web.Request, resp: web.StreamResponse, d: Delivery) -> None:
+def _abort(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery) -> None:
     """End the client connection without the final chunk, so no client mistakes it for complete."""
     d.aborted = True
     resp.force_close()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from .app import SERVER_OPTIONS, create_app, standard_observers
+from .app import TrafficServer, standard_observers
 from . import __version__
 from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
@@ -29,33 +30,34 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     state = ServerState()
     registry = CollectorRegistry()
-    app = create_app(config, standard_observers(config, registry))
-    runner = web.AppRunner(app, shutdown_timeout=config.shutdown_grace, **SERVER_OPTIONS)
+    traffic = TrafficServer(config, standard_observers(config, registry), shutdown_timeout=config.shutdown_grace)
     admin = web.AppRunner(create_admin_app(state, registry), shutdown_timeout=1.0, access_log=None)
-    await runner.setup()
+    await traffic.setup()
     await admin.setup()
     try:
-        for r, where in ((runner, config.listen), (admin, config.admin)):
-            try:
-                await web.TCPSite(r, where.host, where.port, backlog=4096).start()
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {where.host}:{where.port}: {exc.strerror or exc}") from None
+        try:
+            await traffic.listen(config.listen.host, config.listen.port, backlog=4096)
+            await web.TCPSite(admin, config.admin.host, config.admin.port).start()
+        except OSError as exc:
+            where = config.admin if traffic.addresses else config.listen
+            raise StartupError(f"cannot listen on {where.host}:{where.port}: {exc.strerror or exc}") from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         state.ready = True
         log.info("startup", config=effective(config), config_source=config.source, version=__version__)
-        log.info("listening", traffic=_addresses(runner), admin=_addresses(admin), upstream=config.upstream.url)
+        log.info("listening", traffic=_addresses(traffic.addresses), admin=_addresses(admin.addresses),
+                 upstream=config.upstream.url)
         await stop.wait()
         state.draining = True
         log.info("draining", grace_s=config.shutdown_grace)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     finally:
-        await runner.cleanup()
+        await traffic.cleanup()
         await admin.cleanup()
     log.info("stopped")
 
 
-def _addresses(runner: web.AppRunner) -> list[str]:
-    return [f"{a[0]}:{a[1]}" for a in runner.addresses if isinstance(a, tuple)]
+def _addresses(addresses: list[Any]) -> list[str]:
+    return [f"{a[0]}:{a[1]}" for a in addresses if isinstance(a, tuple)]

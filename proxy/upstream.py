@@ -7,14 +7,12 @@ request), and adds none of its own User-Agent/Accept/Accept-Encoding/Content-Typ
 
 from __future__ import annotations
 
-from typing import Any
-
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from .body import RequestBody
 from .config import ProxyConfig, Timeouts
+from .headers import Headers
 
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -40,24 +38,31 @@ def client_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.first_byte)
 
 
-def base_url(url: str) -> str:
-    return url.rstrip("/")
-
-
-async def send(session: aiohttp.ClientSession, method: str, base: str, raw_path: str,
-               headers: CIMultiDict[str], body: RequestBody,
+async def send(session: aiohttp.ClientSession, method: str, url: URL, headers: Headers, body: RequestBody,
                timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
     """Send one attempt; return once response headers have arrived (the body is still unread)."""
     if body.streamed and body.size is not None:
-        headers = headers.copy()
-        headers["Content-Length"] = str(body.size)  # keep a known length: no chunked upload
-    kwargs: dict[str, Any] = {}
-    if body.data is not None:
-        kwargs["data"] = body.data
-    return await session.request(
-        method, URL(base + raw_path, encoded=True), headers=headers, allow_redirects=False,
-        timeout=timeout, **kwargs,
-    )
+        headers = [*headers, ("Content-Length", str(body.size))]  # a known length stays known: no chunking
+    return await session.request(method, url, headers=headers, data=body.data, allow_redirects=False,
+                                 timeout=timeout)
+
+
+class UrlCache:
+    """upstream base + raw path -> URL, parsed once per distinct path (OpenAI paths repeat)."""
+
+    __slots__ = ("_base", "_cache")
+
+    def __init__(self, base: str) -> None:
+        self._base = base.rstrip("/")
+        self._cache: dict[str, URL] = {}
+
+    def __call__(self, raw_path: str) -> URL:
+        url = self._cache.get(raw_path)
+        if url is None:
+            url = URL(self._base + raw_path, encoded=True)
+            if len(self._cache) < 4096:  # ids and query strings would grow it without bound
+                self._cache[raw_path] = url
+        return url
 
 
 def switch_to_idle_timeout(resp: aiohttp.ClientResponse, idle: float) -> None:

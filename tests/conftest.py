@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy import config as cfg
-from proxy.app import SERVER_OPTIONS, create_app, standard_observers
+from proxy.app import TrafficServer, standard_observers
 from proxy.errors import ProxyError
 from proxy.logs import configure as configure_logs
 from proxy.events import AttemptFinished, Event, RequestFinished, RetryScheduled
@@ -105,7 +105,7 @@ def leaks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
 @dataclass
 class RunningProxy:
     url: str  # http://127.0.0.1:PORT
-    runner: web.AppRunner
+    server: TrafficServer
     config: cfg.ProxyConfig
     registry: CollectorRegistry
 
@@ -153,7 +153,7 @@ async def start_proxy(tmp_path: Path, mock: MockUpstream, recorder: Recorder,
     """Start the traffic app in this event loop on an ephemeral port; upstream defaults to the mock.
 
     Every event goes to `recorder`; `options` inject the forwarder's clock, rng or sleep."""
-    runners: list[web.AppRunner] = []
+    servers: list[TrafficServer] = []
 
     async def start(extra: dict[str, Any] | None = None, upstream: str | None = None, **options: Any) -> RunningProxy:
         path = write_config(tmp_path, upstream or mock.url, extra)
@@ -162,16 +162,16 @@ async def start_proxy(tmp_path: Path, mock: MockUpstream, recorder: Recorder,
         registry = CollectorRegistry()
         leaks.registries.append(registry)
         observers = [*standard_observers(config, registry), recorder]
-        runner = web.AppRunner(create_app(config, observers, **options), shutdown_timeout=2.0, **SERVER_OPTIONS)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        host, port = runner.addresses[0][:2]
-        return RunningProxy(f"http://{host}:{port}", runner, config, registry)
+        server = TrafficServer(config, observers, shutdown_timeout=2.0, **options)
+        await server.setup()
+        servers.append(server)
+        await server.listen("127.0.0.1", 0)
+        host, port = server.addresses[0][:2]
+        return RunningProxy(f"http://{host}:{port}", server, config, registry)
 
     yield start
-    for r in runners:
-        await r.cleanup()
+    for server in servers:
+        await server.cleanup()
 
 
 @pytest.fixture
