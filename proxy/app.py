@@ -31,7 +31,7 @@ def standard_observers(config: ProxyConfig, registry: CollectorRegistry, *, logs
     """The production observers: the masked log lines and the Prometheus metrics."""
     observers: list[Observer] = [MetricsObserver(Metrics(registry), route_names(config))]
     if logs:
-        observers.append(LogObserver())
+        observers.append(LogObserver(level=config.log.level, fmt=config.log.format))
     return observers
 
 

@@ -81,15 +81,17 @@ class Breaker:
         (a 401, a quota 429) shows the upstream is up and counts as a success."""
         if permit is Permit.PROBE:
             self._probing = False
-        if self._cb.current_state == pybreaker.STATE_OPEN:
+        state = self._cb.current_state
+        if state == pybreaker.STATE_OPEN:
             return  # a late answer from before the breaker opened
         if category in self._count:
             try:
                 self._cb.call(_fail)
             except _Failure:
                 pass
-        else:
+        elif state != pybreaker.STATE_CLOSED or self._cb.fail_counter:
             self._cb.call(_ok)
+        # else: a success while closed with no failures counted changes nothing; skip pybreaker's call
 
     def release(self, permit: Permit | None) -> None:
         """The attempt ended with no outcome (the client left): free the probe for the next request."""

@@ -9,15 +9,17 @@ one `retry` line per retry and one `breaker` line per state change.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 import structlog
 
 from .events import AttemptFinished, BreakerChange, Event, RequestFinished, RequestStarted, RetryScheduled
-from .masking import mask_event
+from .masking import mask, mask_event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -39,15 +41,56 @@ _SHARED: list[Any] = [
 ]
 
 
+class LineWriter:
+    """Batches the lines of one event-loop iteration into one write to stdout.
+
+    Under load many requests finish per iteration: one write and one flush for all of them instead
+    of one each. Nothing waits longer than the current iteration, and order is kept. Writes to
+    whatever sys.stdout is now (test runners swap it).
+    """
+
+    __slots__ = ("_parts", "_scheduled")
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._scheduled = False
+
+    def write(self, line: str) -> None:
+        self._parts.append(line)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._parts:
+            return
+        data = "".join(self._parts)
+        self._parts.clear()
+        try:
+            out = sys.stdout
+            out.write(data)
+            out.flush()
+        except (OSError, ValueError):  # stdout closed or a broken pipe: nowhere left to log
+            pass
+
+
+WRITER = LineWriter()
+
+
 class _StdoutLogger:
-    """Writes each rendered line to whatever sys.stdout is now (test runners swap it)."""
+    """structlog's sink: rendered lines go through the shared LineWriter, in order."""
 
     __slots__ = ()
 
     def msg(self, message: str) -> None:
-        out = sys.stdout
-        out.write(message + "\n")
-        out.flush()
+        WRITER.write(message + "\n")
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
@@ -91,13 +134,29 @@ def get_logger() -> Any:
     return structlog.get_logger("openai_resilience_proxy")
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _masked(value: str | None) -> str | None:
+    return mask(value) if value else value
+
+
 class LogObserver:
-    """Events -> log lines. Observes only: it never steers a request."""
+    """Events -> log lines. Observes only: it never steers a request.
 
-    __slots__ = ("_log",)
+    The per-request line is the hot one: in JSON mode it is built as a dict and rendered by orjson
+    straight into the LineWriter, with the same fields, level and timestamp as structlog's lines and
+    the same masking applied to every field that comes from outside (route, method, category and
+    numbers come from fixed sets). The rare lines (retry, breaker) take structlog's full chain.
+    """
 
-    def __init__(self, logger: Any = None) -> None:
+    __slots__ = ("_log", "_fast", "_info")
+
+    def __init__(self, logger: Any = None, *, level: str = "info", fmt: str = "json") -> None:
         self._log = logger or get_logger()
+        self._fast = fmt == "json" and logger is None
+        self._info = _LEVELS[level] <= logging.INFO
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, RequestFinished):
@@ -113,6 +172,19 @@ class LogObserver:
             pass  # counted by metrics; the request line sums them up
 
     def _request(self, e: RequestFinished) -> None:
+        if not self._info:
+            return
+        if self._fast:
+            WRITER.write(orjson.dumps({
+                "event": "request", "route": e.route, "method": e.method, "path": _masked(e.path),
+                "status": e.status, "category": e.category.value, "attempts": e.attempts,
+                "stop_reason": e.stop_reason, "aborted": e.aborted, "duration_ms": round(e.duration_s * 1000, 2),
+                "ttfb_ms": round(e.ttfb_s * 1000, 2) if e.ttfb_s is not None else None,
+                "bytes_in": e.bytes_in, "bytes_out": e.bytes_out, "replayable": e.replayable,
+                "upstream_request_id": _masked(e.upstream_request_id), "client_sdk": _masked(e.client_sdk),
+                "client_request_id": _masked(e.client_request_id), "level": "info", "timestamp": _now(),
+            }, option=orjson.OPT_APPEND_NEWLINE).decode())
+            return
         self._log.info(
             "request", route=e.route, method=e.method, path=e.path, status=e.status, category=e.category.value,
             attempts=e.attempts, stop_reason=e.stop_reason, aborted=e.aborted,

@@ -18,7 +18,7 @@ from .app import TrafficServer, standard_observers
 from . import __version__
 from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
-from .logs import get_logger
+from .logs import WRITER, get_logger
 
 
 class StartupError(Exception):
@@ -57,6 +57,7 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:
         await traffic.cleanup()
         await admin.cleanup()
     log.info("stopped")
+    WRITER.flush()
 
 
 def _addresses(addresses: list[Any]) -> list[str]:
