@@ -15,7 +15,8 @@ import yaml
 
 from . import config as cfg
 from .logs import configure
-from .server import StartupError, serve
+from .server import serve
+from .workers import StartupError, Supervisor
 
 PROG = "openai-resilience-proxy"
 # Read when no --config or PROXY_CONFIG is given and the file exists (the container image's mount point).
@@ -62,12 +63,15 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> cfg.ProxyConfi
     return cfg.load(path, overrides)
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     try:
         config = load_config(args, dict(os.environ))
-        if config.workers != 1:
-            raise cfg.ConfigError("workers", "", "only 1 worker is supported in this version")
     except cfg.ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return 2
@@ -77,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure(config.log.level, config.log.format)
     try:
-        _run(serve(config))
+        if config.workers > 1:
+            run_loop(Supervisor(config, argv).run(asyncio.Event()))
+        else:
+            run_loop(serve(config))
     except StartupError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 3
@@ -86,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run(coro: object) -> None:
+def run_loop(coro: object) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform

@@ -71,14 +71,36 @@ class LineWriter:
         self._scheduled = False
         if not self._parts:
             return
-        data = "".join(self._parts)
-        self._parts.clear()
+        parts = self._parts
+        self._parts = []
         try:
             out = sys.stdout
-            out.write(data)
-            out.flush()
+            for piece in _pieces(parts):
+                out.write(piece)
+                out.flush()
         except (OSError, ValueError):  # stdout closed or a broken pipe: nowhere left to log
             pass
+
+
+_ATOMIC = 4096  # PIPE_BUF: a write this small to a pipe is never interleaved with another process's
+
+
+def _pieces(lines: list[str]) -> list[str]:
+    """Whole lines joined into writes of at most PIPE_BUF bytes, so the lines of several worker
+    processes sharing one stdout pipe never interleave mid-line."""
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in lines:
+        n = len(line)
+        if current and size + n > _ATOMIC:
+            pieces.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += n
+    if current:
+        pieces.append("".join(current))
+    return pieces
 
 
 WRITER = LineWriter()

@@ -38,17 +38,20 @@ class Metrics:
                                ["route", "category"], registry=registry)
         self.retry_stops = Counter(p + "retry_stops_total", "Why retrying stopped after a failed attempt.",
                                    ["route", "reason"], registry=registry)
+        # multiprocess_mode only matters with --workers (prometheus-client multiprocess mode): the
+        # worst breaker of any worker, the sum of in-flight requests, the latest rate-limit reading
         self.breaker_state = Gauge(p + "breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
-                                   ["route"], registry=registry)
+                                   ["route"], registry=registry, multiprocess_mode="livemax")
         self.duration = Histogram(p + "request_duration_seconds", "Client request duration, until the last byte.",
                                   ["route"], buckets=BUCKETS, registry=registry)
-        self.in_flight = Gauge(p + "in_flight_requests", "Client requests in progress.", ["route"], registry=registry)
+        self.in_flight = Gauge(p + "in_flight_requests", "Client requests in progress.", ["route"], registry=registry,
+                               multiprocess_mode="livesum")
         self.remaining_requests = Gauge(p + "ratelimit_remaining_requests",
                                         "The upstream's x-ratelimit-remaining-requests, last seen.", ["route"],
-                                        registry=registry)
+                                        registry=registry, multiprocess_mode="livemostrecent")
         self.remaining_tokens = Gauge(p + "ratelimit_remaining_tokens",
                                       "The upstream's x-ratelimit-remaining-tokens, last seen.", ["route"],
-                                      registry=registry)
+                                      registry=registry, multiprocess_mode="livemostrecent")
 
 
 class _RouteChildren:

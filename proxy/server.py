@@ -8,7 +8,9 @@ closes (cleanup_ctx) -> the admin listener closes.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+from multiprocessing.connection import Connection
 from typing import Any
 
 from aiohttp import web
@@ -19,10 +21,7 @@ from . import __version__
 from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
 from .logs import WRITER, get_logger
-
-
-class StartupError(Exception):
-    """A listener could not be bound; the message is for a person."""
+from .workers import StartupError
 
 
 async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:
@@ -62,3 +61,28 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:
 
 def _addresses(addresses: list[Any]) -> list[str]:
     return [f"{a[0]}:{a[1]}" for a in addresses if isinstance(a, tuple)]
+
+
+async def serve_traffic_only(config: ProxyConfig, port: int, conn: Connection) -> None:
+    """A worker of --workers N: the traffic listener on a port shared with the other workers."""
+    log = get_logger()
+    stop = asyncio.Event()
+    registry = CollectorRegistry()  # multiprocess mode: samples go to the supervisor's directory
+    traffic = TrafficServer(config, standard_observers(config, registry), shutdown_timeout=config.shutdown_grace)
+    await traffic.setup()
+    try:
+        try:
+            await traffic.listen(config.listen.host, port, backlog=4096, reuse_port=True)
+        except OSError as exc:
+            conn.send(("error", f"cannot listen on {config.listen.host}:{port}: {exc.strerror or exc}"))
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        conn.send(("ok", os.getpid()))
+        conn.close()
+        log.info("worker_started", pid=os.getpid())
+        await stop.wait()
+    finally:
+        await traffic.cleanup()
+        WRITER.flush()

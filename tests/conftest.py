@@ -197,10 +197,15 @@ class ProxyProcess:
     lines: list[dict[str, Any]] = field(default_factory=list)
     output: str = ""
 
-    async def wait_event(self, event: str, timeout: float = 20) -> dict[str, Any]:
+    async def wait_event(self, event: str, timeout: float = 20,
+                         where: Callable[[dict[str, Any]], bool] = lambda line: True) -> dict[str, Any]:
+        """The first log line of `event` (that `where` accepts), read so far or arriving next."""
+        def hit(line: dict[str, Any]) -> bool:
+            return line.get("event") == event and where(line)
+
         async def read() -> dict[str, Any]:
             for line in self.lines:
-                if line.get("event") == event:
+                if hit(line):
                     return line
             assert self.proc.stdout is not None
             while True:
@@ -209,7 +214,7 @@ class ProxyProcess:
                     raise AssertionError(f"proxy exited before logging {event!r}; stderr: {await self._err()}")
                 line = json.loads(raw)
                 self.lines.append(line)
-                if line.get("event") == event:
+                if hit(line):
                     return line
         return await asyncio.wait_for(read(), timeout)
 

@@ -60,7 +60,7 @@ async def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path: Path,
     (("--config", "/nonexistent/proxy.yaml"), {}, "/nonexistent/proxy.yaml: file not found"),
     ((), {"PROXY_PORT": "http"}, "PROXY_PORT: expected a port number from 0 to 65535, got 'http'"),
     (("--upstream", "localhost:8000"), {}, "--upstream: expected an http:// or https:// base URL"),
-    (("--workers", "2"), {}, "only 1 worker is supported in this version"),
+    (("--workers", "0"), {}, "--workers: expected a whole number of at least 1, got '0'"),
 ])
 async def test_bad_flags_and_environment_exit_2(args, env, message):
     code, out, err = await _run(*args, env=env)
