@@ -1,4 +1,4 @@
-"""Wiring: the traffic application, with the upstream session in its cleanup_ctx."""
+"""Wiring: the traffic listener, with the upstream client in its Application's cleanup_ctx."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .events import Emitter, Observer
 from .handler import Forwarder
 from .logs import LogObserver
 from .metrics import Metrics, MetricsObserver
-from .upstream import create_session
+from .upstream import create_client
 
 CONFIG = web.AppKey("config", ProxyConfig)
 
@@ -44,7 +44,7 @@ class TrafficServer:
 
     aiohttp's low-level `web.Server` calls the forward handler directly: every method and path goes
     to it, so a router and a middleware chain would only cost time (5-8 % CPU per request, bench/).
-    An Application still owns the lifecycle: the upstream session lives in its cleanup_ctx.
+    An Application still owns the lifecycle: the upstream client lives in its cleanup_ctx.
     `observers` see every event (logs, metrics, tests); `forwarder_options` inject the clock,
     random source and sleep for tests.
     """
@@ -55,15 +55,15 @@ class TrafficServer:
         self.forwarder = Forwarder(config, Emitter(observers, _observer_failed), **forwarder_options)
         self.app = web.Application()
         self.app[CONFIG] = config
-        self.app.cleanup_ctx.append(self._session_ctx)
+        self.app.cleanup_ctx.append(self._client_ctx)
         self.runner = web.ServerRunner(web.Server(self.forwarder.handle, **SERVER_OPTIONS),
                                        shutdown_timeout=shutdown_timeout)
 
-    async def _session_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        session = create_session(self.config)
-        self.forwarder.session = session
+    async def _client_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        client = create_client(self.config)
+        self.forwarder.client = client
         yield
-        await session.close()
+        await client.close()
 
     async def setup(self) -> None:
         self.app.freeze()
@@ -78,7 +78,7 @@ class TrafficServer:
         return self.runner.addresses
 
     async def cleanup(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded by shutdown_timeout), close the session."""
+        """Stop accepting, let in-flight requests finish (bounded by shutdown_timeout), close the upstream client."""
         try:
             await self.runner.cleanup()
         finally:

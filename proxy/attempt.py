@@ -20,7 +20,7 @@ from .headers import Headers
 from .policy import RoutePolicy
 from .relay import SMALL_BODY, UPSTREAM_ERRORS
 from .retry import RetryAfter, StopReason, decide
-from .upstream import send
+from .upstream import UpstreamClient, UpstreamResponse, send
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -32,7 +32,7 @@ class Outcome:
     attempts: int
     verdict: Verdict
     stop: StopReason | None  # None: the last attempt succeeded, no decision was needed
-    response: aiohttp.ClientResponse | None = None
+    response: UpstreamResponse | None = None
     prefetched: bytes | None = None  # body bytes already read from `response`
     complete: bool = False  # `prefetched` is the whole body
     error: BaseException | None = None  # set when there is no response
@@ -50,7 +50,7 @@ class Exchange:
     deadline: float  # monotonic: no retry waits past it (timeouts.total, or the client's own timeout)
 
 
-async def _prefetch(up: aiohttp.ClientResponse, method: str) -> tuple[bytes | None, bool]:
+async def _prefetch(up: UpstreamResponse, method: str) -> tuple[bytes | None, bool]:
     """Read what must be read before the commit: a small known-length body whole (one write, and a
     failure here is still retryable), or the head of an error body of unknown length (classification)."""
     length = up.content_length
@@ -73,7 +73,7 @@ async def _prefetch(up: aiohttp.ClientResponse, method: str) -> tuple[bytes | No
     return b"".join(parts), False
 
 
-async def run(session: aiohttp.ClientSession, route: RoutePolicy, ex: Exchange, emit: Emitter,
+async def run(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Emitter,
               permit: Permit | None, *, clock: Callable[[], float], rng: Random, sleep: Sleep) -> Outcome:
     """Attempts until one succeeds or the policy stops. `permit` is the breaker's for attempt 1
     (the handler asks before reading the body); every later attempt asks again."""
@@ -89,9 +89,9 @@ async def run(session: aiohttp.ClientSession, route: RoutePolicy, ex: Exchange, 
         began = clock()
         timeout = route.timeout if attempt == 1 else aiohttp.ClientTimeout(
             total=max(ex.start + route.total - began, 0.001), sock_connect=route.connect, sock_read=route.first_byte)
-        up: aiohttp.ClientResponse | None = None
+        up: UpstreamResponse | None = None
         try:
-            up = await send(session, ex.method, ex.url, ex.headers, ex.body, timeout)
+            up = await send(client, ex.method, ex.url, ex.headers, ex.body, timeout)
             prefetched, complete = await _prefetch(up, ex.method)
             verdict = classify_status(up.status, prefetched)
             error: BaseException | None = None

@@ -75,6 +75,7 @@ class Admin(msgspec.Struct, **_STRUCT):
 class Upstream(msgspec.Struct, **_STRUCT):
     url: str = "https://api.openai.com"
     max_connections: PositiveInt = 256
+    client: Literal["fast", "aiohttp"] = "fast"
 
 
 class Timeouts(msgspec.Struct, **_STRUCT):
@@ -174,7 +175,7 @@ _MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S
 
 _CHOICES = {
     "retry_on": ", ".join(CategoryName.__args__), "count": ", ".join(CategoryName.__args__),
-    "level": ", ".join(LogLevel.__args__), "format": "json, console",
+    "level": ", ".join(LogLevel.__args__), "format": "json, console", "client": "fast, aiohttp",
 }
 _TYPE_WORDS = {"`int`": "an integer", "`float`": "a number", "`str`": "a string", "`bool`": "true or false",
                "`object`": "a mapping", "`array`": "a list", "`null`": "nothing"}

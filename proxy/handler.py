@@ -26,17 +26,17 @@ from .headers import request_headers
 from .policy import RoutePolicy, compile_routes
 from .relay import Delivery, deliver, send_whole
 from .retry import StopReason
-from .upstream import UrlCache
+from .upstream import UpstreamClient, UrlCache
 
 
 class Forwarder:
-    """Bound to one session and one compiled config; holds no per-request state."""
+    """Bound to one upstream client and one compiled config; holds no per-request state."""
 
-    __slots__ = ("session", "_routes", "_url", "_host", "_emit", "_clock", "_rng", "_sleep")
+    __slots__ = ("client", "_routes", "_url", "_host", "_emit", "_clock", "_rng", "_sleep")
 
     def __init__(self, config: ProxyConfig, emit: Emitter | None = None, *, clock: Callable[[], float] = time.monotonic,
                  rng: Random = random.random, sleep: attempt.Sleep = asyncio.sleep) -> None:
-        self.session: aiohttp.ClientSession | None = None  # set by the app's cleanup_ctx
+        self.client: UpstreamClient | None = None  # set by the app's cleanup_ctx
         self._emit = emit or Emitter()
         self._routes = compile_routes(config, clock, self._emit)
         self._url = UrlCache(config.upstream.url)
@@ -68,8 +68,8 @@ class Forwarder:
                 route.budget.deposit()
                 ex = attempt.Exchange(request.method, self._url(request.raw_path), request_headers(request.headers),
                                       body, start, attempt.client_deadline(request.headers, start, route.total))
-                assert self.session is not None
-                outcome = await attempt.run(self.session, route, ex, self._emit, permit,
+                assert self.client is not None
+                outcome = await attempt.run(self.client, route, ex, self._emit, permit,
                                             clock=self._clock, rng=self._rng, sleep=self._sleep)
             extra = _coordination_headers(outcome, route)
             ttfb = self._clock() - start

@@ -17,7 +17,7 @@ from aiohttp import web
 from .classify import Category, classify_exception
 from .headers import Headers, is_event_stream, response_headers
 from .sse import StreamEnd, StreamWatcher, end_markers
-from .upstream import switch_to_idle_timeout
+from .upstream import UpstreamResponse, switch_to_idle_timeout
 
 # A known-length body up to this size is read whole before the commit (attempt.py): one write
 # instead of a chunk loop, and a failure while reading it can still be retried or answered.
@@ -50,7 +50,7 @@ async def send_whole(request: web.BaseRequest, resp: web.Response, category: Cat
     return d
 
 
-async def deliver(request: web.BaseRequest, up: aiohttp.ClientResponse, prefetched: bytes | None, complete: bool,
+async def deliver(request: web.BaseRequest, up: UpstreamResponse, prefetched: bytes | None, complete: bool,
                   extra: Mapping[str, str], idle: float, category: Category) -> tuple[web.StreamResponse, Delivery]:
     """Send `up` to the client. Owns `up`: it is released or closed on every path out."""
     finished = False
@@ -74,7 +74,7 @@ async def deliver(request: web.BaseRequest, up: aiohttp.ClientResponse, prefetch
             up.close()  # drop the upstream connection: the exchange did not finish
 
 
-async def _stream(request: web.BaseRequest, up: aiohttp.ClientResponse, prefix: bytes | None,
+async def _stream(request: web.BaseRequest, up: UpstreamResponse, prefix: bytes | None,
                   headers: Headers, idle: float,
                   category: Category) -> tuple[web.StreamResponse, Delivery]:
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
