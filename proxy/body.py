@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiohttp import web
 
 
-@dataclass(frozen=True, slots=True)
-class RequestBody:
+class RequestBody(NamedTuple):
     data: bytes | AsyncIterator[bytes] | None  # None: no body at all
     replayable: bool
     size: int | None  # bytes, when known before sending

@@ -1,26 +1,26 @@
-"""What observers (logs, metrics) may see: frozen events emitted by the attempt loop and handler.
+"""What observers (logs, metrics) may see: immutable events emitted by the attempt loop and handler.
 
-Observers are plain callables taking an event; they watch, they never steer a request.
+Observers are plain callables taking an event; they watch, they never steer a request. Events
+are NamedTuples: immutable like frozen dataclasses, and built in C (a frozen dataclass pays one
+object.__setattr__ per field, several microseconds per request on the hot path).
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .classify import Category
 
 
-@dataclass(frozen=True, slots=True)
-class RequestStarted:
+class RequestStarted(NamedTuple):
     """A client request was routed (the in-flight gauge goes up; RequestFinished brings it down)."""
 
     route: str
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptFinished:
+class AttemptFinished(NamedTuple):
     """One upstream call ended (response headers classified, or an exception)."""
 
     route: str
@@ -32,8 +32,7 @@ class AttemptFinished:
     remaining_tokens: int | None = None  # x-ratelimit-remaining-tokens, when sent
 
 
-@dataclass(frozen=True, slots=True)
-class RetryScheduled:
+class RetryScheduled(NamedTuple):
     """The loop will wait `delay_s` and try again."""
 
     route: str
@@ -45,8 +44,7 @@ class RetryScheduled:
     source: str  # "backoff", or the header the delay came from
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFinished:
+class RequestFinished(NamedTuple):
     """One client request is over: the canonical line for logs and the request-level metrics."""
 
     route: str
@@ -75,8 +73,7 @@ class BreakerState(enum.IntEnum):
     OPEN = 2
 
 
-@dataclass(frozen=True, slots=True)
-class BreakerChange:
+class BreakerChange(NamedTuple):
     """A breaker changed state; `routes` are every route it guards (one, or a group)."""
 
     breaker: str

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from datetime import datetime, timezone
+import time
 from typing import Any
 
 import orjson
@@ -156,8 +156,25 @@ def get_logger() -> Any:
     return structlog.get_logger("openai_resilience_proxy")
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+class _Timestamp:
+    """structlog's ISO-8601 UTC format ("2026-11-23T01:22:32.860734Z"), the date part built once a second."""
+
+    __slots__ = ("_second", "_prefix")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+
+_now = _Timestamp()
 
 
 def _masked(value: str | None) -> str | None:

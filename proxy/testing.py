@@ -4,7 +4,9 @@ Why it exists: the proxy's behaviour under faults (resets, truncated bodies, sta
 rate limits) can only be tested against an upstream that misbehaves on cue.  This one is:
 
 * deterministic: fixed timestamps, ids derived from arrival order, generated binary bodies;
-* scriptable per request: ``mock.script("/v1/chat/completions", Reset(), Delay(0.05))``;
+* scriptable per request: ``mock.script("/v1/chat/completions", Reset(), Delay(0.05))``, or per
+  client request (retries included) with ``mock.script_request(key, ...)`` and an
+  ``x-mock-script: key`` request header, so concurrent requests each get their own faults;
 * observable: every request is recorded in ``mock.received`` as soon as its headers arrive,
   with events telling whether the mock finished its answer or was cancelled by the peer;
 * streaming all the way: request and response bodies of any size are hashed or generated
@@ -36,9 +38,12 @@ from multidict import CIMultiDict
 
 __all__ = [
     "MODELS_BODY",
+    "SCRIPT_HEADER",
     "CutBody",
     "Delay",
     "MockUpstream",
+    "OverLength",
+    "Raw",
     "Received",
     "Reset",
     "Respond",
@@ -184,7 +189,43 @@ class SetCookie:
     value: str
 
 
-Step = Respond | Reset | Delay | WaitGate | CutBody | Stall | SSEErrorFrame | SSECut | SetCookie
+@dataclass(frozen=True)
+class OverLength:
+    """Announce a Content-Length ``extra_bytes`` longer than the body, send the body, then close cleanly.
+
+    Unlike CutBody (an abort, RST), the connection ends with an orderly FIN: a peer that trusts a
+    clean close would take the short body as complete.  Applies to known-length answers only; an
+    event stream is sent as usual.
+    """
+
+    extra_bytes: int = 1
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Read the request body, then write ``data`` to the socket as is: no status line or headers of
+    the mock's own (garbage instead of HTTP, enormous headers, a body that never ends).
+
+    Then ``then``: "close" (orderly FIN), "reset" (abort) or "hold" (keep the connection open until
+    ``gate`` is set or ``seconds`` pass, whichever comes first, then abort; a peer that leaves
+    first sets ``Received.cancelled``).
+    """
+
+    data: bytes
+    then: str = "close"
+    seconds: float | None = None
+    gate: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.then not in ("close", "reset", "hold"):
+            raise ValueError(f"Raw.then must be 'close', 'reset' or 'hold', got {self.then!r}")
+
+
+Step = (Respond | Reset | Delay | WaitGate | CutBody | Stall | SSEErrorFrame | SSECut | SetCookie
+        | OverLength | Raw)
+
+SCRIPT_HEADER = "x-mock-script"
+"""A request carrying this header takes its steps from ``mock.script_request(<value>, ...)`` first."""
 
 
 def error(
@@ -372,10 +413,20 @@ def _event(data: Any, name: str | None = None) -> bytes:
 class MockUpstream:
     """A fake api.openai.com on localhost; see the module docstring."""
 
-    def __init__(self, *, sse_events: int = 5, sse_interval: float = 0.0) -> None:
+    def __init__(self, *, sse_events: int = 5, sse_interval: float = 0.0, keepalive_timeout: float = 75.0,
+                 keep_received: bool = True) -> None:
+        """``keepalive_timeout``: idle keep-alive connections are closed after this many seconds (a
+        short one lets a test see a client's pooled connections go away).  ``keep_received=False``
+        records nothing in ``received`` (a long soak would hold every request); counts still work."""
         self.sse_events = sse_events
         self.sse_interval = sse_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.keep_received = keep_received
         self.received: list[Received] = []
+        self.arrivals = 0  # requests seen, recorded or not
+        self.active = 0  # requests being handled right now
+        self.peak_active = 0  # the most handled at once since start (or the last reset_peak())
+        self._keyed: dict[str, collections.deque[Step]] = {}
         self.url = ""
         self.port = 0
         self._scripts: dict[tuple[str, str | None], collections.deque[Step]] = {}
@@ -395,7 +446,8 @@ class MockUpstream:
         # handler_cancellation: a peer disconnect cancels the handler, which sets `cancelled`.
         # auto_decompress=False: a gzip request body is recorded byte-identical.
         self._runner = web.AppRunner(
-            app, handler_cancellation=True, auto_decompress=False, access_log=None, shutdown_timeout=1.0
+            app, handler_cancellation=True, auto_decompress=False, access_log=None, shutdown_timeout=1.0,
+            keepalive_timeout=self.keepalive_timeout,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -435,6 +487,24 @@ class MockUpstream:
         key = (path, method.upper() if method else None)
         self._scripts.setdefault(key, collections.deque()).extend(steps)
 
+    def script_request(self, key: str, *steps: Step) -> None:
+        """Queue ``steps`` for the requests carrying ``x-mock-script: key``, one step per request.
+
+        A client's request and the proxy's retries of it carry the same header, so
+        ``script_request(key, Reset())`` fails the first attempt only, and
+        ``script_request(key, *[Reset()] * 9)`` fails up to nine.  These queues come before the
+        path queues of ``script``; once a key's queue is empty its requests get the normal answer.
+        """
+        self._keyed.setdefault(key, collections.deque()).extend(steps)
+
+    def forget(self, key: str) -> int:
+        """Drop what is left of ``key``'s queue (its request is over); returns how many steps were unused."""
+        queue = self._keyed.pop(key, None)
+        return len(queue) if queue else 0
+
+    def reset_peak(self) -> None:
+        self.peak_active = self.active
+
     def requests_to(self, path: str) -> list[Received]:
         """The recorded requests whose path (without query) is ``path``, in arrival order."""
         return [rec for rec in self.received if rec.path == path]
@@ -450,7 +520,12 @@ class MockUpstream:
         """The named event that WaitGate/Stall steps wait on; created on first use."""
         return self._gates.setdefault(name, asyncio.Event())
 
-    def _next_step(self, method: str, path: str) -> Step | None:
+    def _next_step(self, method: str, path: str, script: str | None = None) -> Step | None:
+        if script is not None and (keyed := self._keyed.get(script)):
+            step = keyed.popleft()
+            if not keyed:
+                del self._keyed[script]
+            return step
         for key in ((path, method), (path, None), ("*", method), ("*", None)):
             queue = self._scripts.get(key)
             if queue:
@@ -461,15 +536,19 @@ class MockUpstream:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path, _, query = request.raw_path.partition("?")
-        step = self._next_step(request.method, path)
+        step = self._next_step(request.method, path, request.headers.get(SCRIPT_HEADER))
         rec = Received(request.method, path, query, CIMultiDict(request.headers), step=step)
-        async with self._arrivals:
-            self.received.append(rec)
-            self._arrivals.notify_all()
-        ex = _Exchange(request, rec, len(self.received))
+        self.arrivals += 1
+        if self.keep_received:
+            async with self._arrivals:
+                self.received.append(rec)
+                self._arrivals.notify_all()
+        ex = _Exchange(request, rec, self.arrivals)
         task = asyncio.current_task()
         assert task is not None
         self._inflight.add(task)
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
         try:
             return await self._serve(ex)
         except asyncio.CancelledError:
@@ -481,6 +560,7 @@ class MockUpstream:
             self._peer_gone(ex)
             return web.Response(status=500)
         finally:
+            self.active -= 1
             self._inflight.discard(task)
 
     def _peer_gone(self, ex: _Exchange) -> None:
@@ -492,6 +572,10 @@ class MockUpstream:
         if isinstance(step, Reset):
             await self._read_body(ex)
             await self._abort(ex)
+            return web.Response()  # never sent: the transport is gone
+        if isinstance(step, Raw):
+            await self._read_body(ex)
+            await self._raw(ex, step)
             return web.Response()  # never sent: the transport is gone
         if isinstance(step, Respond):
             await self._read_body(ex)
@@ -582,8 +666,18 @@ class MockUpstream:
         ex.rec.body_size, ex.rec.body_sha256 = content.size, content.hexdigest()
         return fields, files
 
-    async def _abort(self, ex: _Exchange) -> None:
-        """Abort the connection, but only after bytes already written reached the socket.
+    async def _raw(self, ex: _Exchange, step: Raw) -> None:
+        """Raw: bytes straight onto the socket, then close, reset, or hold and then reset."""
+        transport = ex.request.transport
+        if transport is None:
+            return
+        transport.write(step.data)
+        if step.then == "hold":
+            await self._pause(step.seconds, step.gate)
+        await self._abort(ex, clean=step.then == "close")
+
+    async def _abort(self, ex: _Exchange, *, clean: bool = False) -> None:
+        """Abort the connection (or close it: ``clean``), but only after bytes already written reached the socket.
 
         ``transport.abort()`` discards asyncio's write buffer, which would make a CutBody send
         fewer bytes than asked.  A zero high-water mark pauses the protocol while anything is
@@ -597,7 +691,10 @@ class MockUpstream:
             transport.set_write_buffer_limits(high=0)
             with contextlib.suppress(ConnectionError):
                 await ex.request.protocol._drain_helper()
-        transport.abort()
+        if clean:
+            transport.close()  # FIN once the buffer is out; nothing more will be written
+        else:
+            transport.abort()
 
     async def _write(self, ex: _Exchange, resp: web.StreamResponse, piece: bytes) -> bool:
         """Write one piece, honouring a CutBody budget; False once the connection was cut."""
@@ -636,6 +733,8 @@ class MockUpstream:
         resp = web.StreamResponse(status=reply.status, headers=headers)
         if reply.length is not None:
             resp.content_length = reply.length
+            if isinstance(step, OverLength):
+                resp.content_length = reply.length + step.extra_bytes
         elif ex.request.version < HttpVersion11:
             # Close-delimited body: aiohttp 3.14 computes keep_alive=False here but never stores
             # it, so a keep-alive HTTP/1.0 client would wait forever for the end.
@@ -664,6 +763,9 @@ class MockUpstream:
                 return resp
         if ex.budget is not None:  # CutBody larger than the body: still never end cleanly
             await self._abort(ex)
+            return resp
+        if isinstance(step, OverLength) and reply.length is not None:
+            await self._abort(ex, clean=True)  # an orderly close, short of the announced length
             return resp
         return await self._finish(ex, resp)
 
