@@ -15,6 +15,7 @@ import yaml
 
 from . import config as cfg
 from .logs import configure
+from .masking import mask, mask_value
 from .server import serve
 from .workers import StartupError, Supervisor
 
@@ -73,11 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args, dict(os.environ))
     except cfg.ConfigError as exc:
-        print(f"{PROG}: config error: {exc}", file=sys.stderr)
+        print(f"{PROG}: config error: {mask(str(exc))}", file=sys.stderr)  # a bad value may hold a key
         return 2
     if args.check_config:
         print(f"# effective config ({config.source}): valid")
-        print(yaml.safe_dump(cfg.effective(config), sort_keys=False), end="")
+        print(yaml.safe_dump(mask_value(cfg.effective(config)), sort_keys=False), end="")
         return 0
     configure(config.log.level, config.log.format)
     try:
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             run_loop(serve(config))
     except StartupError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {mask(str(exc))}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         pass
