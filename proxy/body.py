@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 
 class RequestBody(NamedTuple):
@@ -27,40 +27,88 @@ class RequestBody(NamedTuple):
 EMPTY = RequestBody(None, True, 0)
 
 
-async def _rest(prefix: list[bytes], request: web.BaseRequest) -> AsyncIterator[bytes]:
-    for chunk in prefix:
-        yield chunk
-    async for chunk in request.content.iter_any():
-        yield chunk
+class BodyError(Exception):
+    """The client's request body failed: it ended short of its Content-Length, or went silent for
+    longer than the route's idle timeout (a slow-body client, or a malformed chunk after which
+    aiohttp's server parser stops feeding the body without raising)."""
+
+    def __init__(self, timed_out: bool) -> None:
+        super().__init__("timed out" if timed_out else "incomplete")
+        self.timed_out = timed_out
 
 
-class IncompleteBody(Exception):
-    """The client sent fewer bytes than its Content-Length said, then stopped."""
+async def _read(content: StreamReader, idle: float) -> bytes:
+    try:
+        async with asyncio.timeout(idle):
+            return await content.readany()
+    except TimeoutError:
+        raise BodyError(timed_out=True) from None
 
 
-async def read_body(request: web.BaseRequest, replay_limit: int) -> RequestBody:
-    """Decide replayability from Content-Length when sent; for chunked bodies, by reading up to the limit."""
+class Upload:
+    """The rest of a large body, forwarded as it arrives. Remembers its own failure, so the handler
+    blames the client (400/408), not the upstream, when the upload breaks on the client's side."""
+
+    __slots__ = ("_prefix", "_content", "_idle", "error")
+
+    def __init__(self, prefix: list[bytes], content: StreamReader, idle: float) -> None:
+        self._prefix = prefix
+        self._content = content
+        self._idle = idle
+        self.error: BodyError | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        for chunk in self._prefix:
+            yield chunk
+        self._prefix = []
+        while True:
+            try:
+                chunk = await _read(self._content, self._idle)
+            except BodyError as exc:
+                self.error = exc
+                raise
+            if not chunk:
+                return
+            yield chunk
+
+
+async def read_body(request: web.BaseRequest, replay_limit: int, idle: float) -> RequestBody:
+    """Decide replayability from Content-Length when sent; for chunked bodies, by reading up to the limit.
+
+    A body already in the buffer (the common small JSON request) is taken without waiting or a
+    timer; otherwise each wait for more bytes is bounded by `idle`.
+    """
     if not request.body_exists:
         return EMPTY
+    content = request.content
     length = request.content_length
     if length is not None:
-        if length <= replay_limit:
-            try:
-                data = await request.content.readexactly(length)
-            except asyncio.IncompleteReadError:
-                raise IncompleteBody from None
+        if length > replay_limit:
+            return RequestBody(Upload([], content, idle), False, length)
+        data = content.read_nowait(length)
+        if len(data) == length:
             return RequestBody(data, True, length)
-        return RequestBody(_rest([], request), False, length)
+        parts = [data]
+        got = len(data)
+        while got < length:
+            chunk = await _read(content, idle)
+            if not chunk:
+                raise BodyError(timed_out=False)
+            parts.append(chunk)
+            got += len(chunk)
+        return RequestBody(b"".join(parts), True, length)
     # chunked upload: buffer until the limit, then stream the rest through
     chunks: list[bytes] = []
     held = 0
-    content = request.content
     while True:
-        chunk = await content.readany()
+        chunk = await _read(content, idle)
         if not chunk:
             data = b"".join(chunks)
             return RequestBody(data, True, len(data))
         chunks.append(chunk)
         held += len(chunk)
         if held > replay_limit:
-            return RequestBody(_rest(chunks, request), False, None)
+            return RequestBody(Upload(chunks, content, idle), False, None)

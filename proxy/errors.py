@@ -37,6 +37,8 @@ class ProxyError:
 
 INCOMPLETE_BODY = ProxyError(400, "incomplete_request_body",
                              "The request body ended before the length its Content-Length header announced.")
+BODY_TIMEOUT = ProxyError(408, "request_body_timeout",
+                          "The request body stopped arriving (or was malformed) for longer than the idle timeout.")
 
 # design.md, "Interfaces": the status and code of each proxy-made error
 STATUS_AND_CODE: Mapping[Category, tuple[int, str]] = {

@@ -17,10 +17,10 @@ from yarl import URL
 
 from . import attempt
 from .backoff import Random
-from .body import IncompleteBody, RequestBody, read_body
+from .body import BodyError, RequestBody, Upload, read_body
 from .classify import Category, Verdict
 from .config import ProxyConfig
-from .errors import INCOMPLETE_BODY, circuit_open, upstream_failure
+from .errors import BODY_TIMEOUT, INCOMPLETE_BODY, ProxyError, circuit_open, upstream_failure
 from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
 from .policy import RoutePolicy, compile_routes
@@ -57,12 +57,12 @@ class Forwarder:
                 outcome = attempt.Outcome(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
             else:
                 try:
-                    body = await read_body(request, route.replay_limit)
+                    body = await read_body(request, route.replay_limit, route.idle)
                 except BaseException as exc:
                     route.breaker.release(permit)
-                    if isinstance(exc, IncompleteBody):
-                        resp = INCOMPLETE_BODY.response()
-                        delivery = await send_whole(request, resp, Category.OK)
+                    if isinstance(exc, BodyError):
+                        resp = _body_error(exc).response()
+                        delivery = await send_whole(request, resp, Category.CLIENT)
                         return resp
                     raise
                 route.budget.deposit()
@@ -76,6 +76,10 @@ class Forwarder:
             if outcome.verdict.category is Category.CIRCUIT_OPEN:
                 resp = circuit_open(route.breaker.name, route.breaker.retry_after(), extra).response()
                 delivery = await send_whole(request, resp, Category.CIRCUIT_OPEN)
+                return resp
+            if outcome.response is None and body is not None and isinstance(body.data, Upload) and body.data.error:
+                resp = _body_error(body.data.error).response(extra)  # the client's upload broke, not the upstream
+                delivery = await send_whole(request, resp, Category.CLIENT)
                 return resp
             if outcome.response is None:
                 assert outcome.error is not None
@@ -110,6 +114,10 @@ class Forwarder:
             bytes_in=body.size if body else None, bytes_out=out, replayable=body.replayable if body else True,
             upstream_request_id=upstream_id, client_sdk=sdk, client_request_id=h.get("x-client-request-id"),
         ))
+
+
+def _body_error(exc: BodyError) -> ProxyError:
+    return BODY_TIMEOUT if exc.timed_out else INCOMPLETE_BODY
 
 
 def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy) -> dict[str, str]:

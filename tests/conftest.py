@@ -122,9 +122,20 @@ class Recorder:
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self._changed = asyncio.Event()
 
     def __call__(self, event: Event) -> None:
         self.events.append(event)
+        self._changed.set()
+
+    async def wait_for(self, kind: type, n: int = 1, timeout: float = 10) -> list[Any]:
+        """Wait (on the events themselves, no polling) until `n` events of `kind` were seen."""
+        async def wait() -> list[Any]:
+            while len(found := self.of(kind)) < n:
+                self._changed.clear()
+                await self._changed.wait()
+            return found
+        return await asyncio.wait_for(wait(), timeout)
 
     def of(self, kind: type) -> list[Any]:
         return [e for e in self.events if isinstance(e, kind)]

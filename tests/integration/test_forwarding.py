@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+from typing import Any
 
 import aiohttp
 import openai
@@ -16,6 +17,7 @@ from yarl import URL
 
 from proxy.testing import (MODELS_BODY, CutBody, MockUpstream, Respond, SetCookie, SSECut, Stall, error,
                            mock_bytes_sha256)
+from proxy.events import RequestStarted
 from tests.conftest import TEST_KEY, RunningProxy
 
 MiB = 1 << 20
@@ -284,3 +286,44 @@ async def test_head_without_length_keeps_the_connection_clean(proxy: RunningProx
                 assert r.status == 200 and await r.read() == b""
         async with s.get(proxy.url + "/v1/models") as r:
             assert r.status == 200 and (await r.json())["object"] == "list"
+
+
+async def _raw_exchange(proxy: RunningProxy, data: bytes, then: bytes = b"", started: Any = None) -> bytes:
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        if then:
+            await started()  # the handler is reading the body now
+            writer.write(then)
+            await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("body, then", [
+    (b"Content-Length: 100\r\n\r\n" + b"x" * 10, b""),  # short of its length, then silent
+    (b"Transfer-Encoding: chunked\r\n\r\n10\r\n" + b"a" * 16 + b"\r\n", b"zz\r\n"),  # a bad chunk mid-body
+], ids=["silent", "bad-chunk"])
+async def test_a_stalled_request_body_gets_408_after_idle(start_proxy, mock, body, then, recorder):
+    """aiohttp's server stops feeding a body after a malformed chunk without raising (3.14): the idle
+    timeout on request body reads is what ends such a request."""
+    proxy = await start_proxy({"defaults": {"timeouts": {"idle": "100ms"}}})
+
+    answer = await _raw_exchange(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + body, then,
+                                 lambda: recorder.wait_for(RequestStarted))
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request_body_timeout" in answer
+    assert mock.requests_to("/v1/chat/completions") == []  # nothing half-read was sent upstream
+    assert recorder.requests[0].status == 408
+
+
+async def test_a_stalled_streamed_upload_gets_408_and_the_upstream_request_is_dropped(start_proxy, mock):
+    proxy = await start_proxy({"defaults": {"timeouts": {"idle": "100ms"}, "retry": {"replay_limit": "1KiB"}}})
+    answer = await _raw_exchange(proxy, b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                                        b"Content-Type: application/octet-stream\r\n\r\n" + b"x" * 5000)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    rec = mock.requests_to("/v1/files")[0]
+    await asyncio.wait_for(rec.cancelled.wait(), 10)
