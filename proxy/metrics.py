@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from .classify import Category
 from .events import AttemptFinished, BreakerChange, Event, RequestFinished, RequestStarted, RetryScheduled
@@ -26,6 +26,9 @@ class Metrics:
     """The metric families, registered on `registry`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # every counter child would add a *_created series: with routes x categories that more than
+        # doubles a scrape for a value no dashboard reads (process-wide switch, idempotent)
+        disable_created_metrics()
         p = "openai_proxy_"
         self.requests = Counter(p + "requests_total", "Client requests, by route and status class "
                                 "(aborted: the connection was cut after the commit).", ["route", "status_class"],
