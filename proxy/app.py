@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
 from .config import ProxyConfig
+from .errors import ProxyError
 from .events import Emitter, Observer
 from .handler import Forwarder
 from .logs import LogObserver
@@ -39,6 +41,29 @@ def _observer_failed(exc: BaseException) -> None:
     logging.getLogger("openai_resilience_proxy").error("an observer failed", exc_info=exc)
 
 
+class _RequestHandler(RequestHandler):  # type: ignore[type-arg]
+    """aiohttp's own error answers (a request it cannot parse, 400; a handler crash, 500) quote the
+    offending request line or header, which may hold an API key: answer with a fixed OpenAI-shaped
+    error instead, naming only the kind of problem."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logging, and the "already sent" check
+        if status == 500:
+            err = ProxyError(500, "proxy_internal_error", "The proxy failed while handling this request.")
+        else:
+            kind = type(exc).__name__ if exc is not None else "invalid request"
+            err = ProxyError(status, "invalid_http_request", f"The request is not valid HTTP/1.1 ({kind}).")
+        resp = err.response()
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:  # type: ignore[type-arg]
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)  # as web.Server.__call__ does
+
+
 class TrafficServer:
     """The traffic listener.
 
@@ -56,7 +81,7 @@ class TrafficServer:
         self.app = web.Application()
         self.app[CONFIG] = config
         self.app.cleanup_ctx.append(self._client_ctx)
-        self.runner = web.ServerRunner(web.Server(self.forwarder.handle, **SERVER_OPTIONS),
+        self.runner = web.ServerRunner(_Server(self.forwarder.handle, **SERVER_OPTIONS),
                                        shutdown_timeout=shutdown_timeout)
 
     async def _client_ctx(self, app: web.Application) -> AsyncIterator[None]:

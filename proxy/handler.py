@@ -20,7 +20,7 @@ from .backoff import Random
 from .body import BodyError, RequestBody, Upload, read_body
 from .classify import Category, Verdict
 from .config import ProxyConfig
-from .errors import BODY_TIMEOUT, INCOMPLETE_BODY, ProxyError, circuit_open, upstream_failure
+from .errors import BAD_TARGET, BODY_TIMEOUT, INCOMPLETE_BODY, ProxyError, circuit_open, upstream_failure
 from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
 from .policy import RoutePolicy, compile_routes
@@ -44,6 +44,8 @@ class Forwarder:
         self._clock, self._rng, self._sleep = clock, rng, sleep
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if not request.raw_path.startswith("/"):  # absolute-form, authority-form (CONNECT) or "*"
+            return BAD_TARGET.response()  # never glued onto the upstream URL
         start = self._clock()
         route = self._routes.match(request.method, request.path).policy
         self._emit(RequestStarted(route.name))

@@ -781,8 +781,9 @@ async def test_sse_arrives_chunk_by_chunk(mock: MockUpstream, clients) -> None:
 
 async def test_release_before_the_body_is_read_drops_the_connection(mock: MockUpstream, clients) -> None:
     c = clients(mock.url)
-    resp = await c.request("GET", url(mock.url, f"/v1/files/file-size-{4 * MiB}/content"), [], None, T)
-    resp.release()  # 4 MiB still to come: not reusable
+    # 64 MiB: more than loopback socket buffers can hold, so the mock is still writing when we leave
+    resp = await c.request("GET", url(mock.url, f"/v1/files/file-size-{64 * MiB}/content"), [], None, T)
+    resp.release()  # most of it still to come: not reusable
     with pytest.raises(aiohttp.ClientConnectionError):
         await resp.content.readany()
     await asyncio.wait_for(mock.received[0].cancelled.wait(), 5)
