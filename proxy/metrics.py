@@ -16,6 +16,7 @@ from .events import AttemptFinished, BreakerChange, Event, RequestFinished, Requ
 from .retry import StopReason
 
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "aborted")
+_STATUS_CLASS = ("", "", "2xx", "3xx", "4xx", "5xx")  # by status // 100
 # LLM latencies: tens of milliseconds (a cached embedding) to ten minutes (a long reasoning stream)
 BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _ATTEMPT_CATEGORIES = tuple(c for c in Category if c is not Category.CIRCUIT_OPEN)
@@ -89,10 +90,9 @@ class MetricsObserver:
     def __call__(self, event: Event) -> None:
         if isinstance(event, RequestFinished):
             r = self._routes[event.route]
-            if event.status is None or event.aborted:
-                r.requests["aborted"].inc()
-            else:
-                r.requests[f"{event.status // 100}xx"].inc()
+            status = event.status
+            r.requests["aborted" if status is None or event.aborted or not 200 <= status < 600
+                       else _STATUS_CLASS[status // 100]].inc()
             if event.category is not Category.OK:
                 r.errors[event.category].inc()
             if event.stop_reason is not None:

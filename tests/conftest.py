@@ -22,6 +22,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from proxy.logs import WRITER
 from proxy import config as cfg
 from proxy.app import TrafficServer, standard_observers
 from proxy.errors import ProxyError
@@ -96,6 +97,7 @@ def leaks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
     monkeypatch.setattr(ProxyError, "response", spy)
     yield check
     if capfd is not None:
+        WRITER.flush()
         out, err = capfd.readouterr()
         sys.stdout.write(out)  # keep it visible in pytest's report of a failing test
         sys.stderr.write(err)

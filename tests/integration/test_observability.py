@@ -11,6 +11,7 @@ import openai
 import pytest
 from prometheus_client import generate_latest
 
+from proxy.logs import WRITER
 from proxy.testing import Respond, error, insufficient_quota
 from tests.conftest import CANARY, TEST_KEY
 
@@ -24,6 +25,7 @@ def value(proxy, name: str, **labels: str) -> float:
 
 
 def log_lines(capfd) -> list[dict]:
+    WRITER.flush()
     out, err = capfd.readouterr()
     # hand it back so the leak check at teardown still sees everything
     print(out, end="")

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from proxy.logs import WRITER
+
 from ..conftest import LeakCheck
 
 
@@ -23,6 +25,7 @@ def reliability_leaks(request: pytest.FixtureRequest, leaks: LeakCheck) -> Itera
     yield leaks
     out = err = ""
     if capfd is not None:
+        WRITER.flush()
         out, err = capfd.readouterr()
         sys.stdout.write(out)  # keep it visible in pytest's report of a failing test
         sys.stderr.write(err)
