@@ -27,7 +27,10 @@ class PathPattern:
     prefix: bool
 
     def matches(self, path: str) -> bool:
-        parts = path.strip("/").split("/") if path != "/" else []
+        return self.matches_parts(split_path(path))
+
+    def matches_parts(self, parts: list[str]) -> bool:
+        """Against a path already split by split_path (once per request, not once per route)."""
         segs = self.segments
         if self.prefix:
             if len(parts) < len(segs):
@@ -41,6 +44,10 @@ class PathPattern:
             elif want != got:
                 return False
         return True
+
+
+def split_path(path: str) -> list[str]:
+    return path.strip("/").split("/") if path != "/" else []
 
 
 def compile_path(text: str) -> PathPattern:
@@ -105,10 +112,11 @@ class RouteTable(Generic[P]):
         if hit is not None:
             return hit
         found = self._default
+        parts = split_path(path)
         for route in self._routes:
             if route.methods is not None and method not in route.methods:
                 continue
-            if route.pattern is not None and route.pattern.matches(path):
+            if route.pattern is not None and route.pattern.matches_parts(parts):
                 found = route
                 break
         if len(self._cache) < 4096:  # ids in paths would grow it without bound
