@@ -92,7 +92,8 @@ class Forwarder:
                 delivery = await send_whole(request, resp, outcome.verdict.category)
                 return resp
             stream, delivery = await deliver(request, outcome.response, outcome.prefetched, outcome.complete, extra,
-                                             route.idle, outcome.verdict.category)
+                                             route.idle, outcome.verdict.category,
+                                             remaining=start + route.total - self._clock())
             if delivery.category is not outcome.verdict.category:
                 route.breaker.record(delivery.category)  # the stream broke after the commit
             return stream

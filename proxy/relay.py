@@ -51,7 +51,8 @@ async def send_whole(request: web.BaseRequest, resp: web.Response, category: Cat
 
 
 async def deliver(request: web.BaseRequest, up: UpstreamResponse, prefetched: bytes | None, complete: bool,
-                  extra: Mapping[str, str], idle: float, category: Category) -> tuple[web.StreamResponse, Delivery]:
+                  extra: Mapping[str, str], idle: float, category: Category,
+                  remaining: float) -> tuple[web.StreamResponse, Delivery]:
     """Send `up` to the client. Owns `up`: it is released or closed on every path out."""
     finished = False
     try:
@@ -63,7 +64,7 @@ async def deliver(request: web.BaseRequest, up: UpstreamResponse, prefetched: by
                                                     headers=headers)
             d = await send_whole(request, resp, category)  # type: ignore[arg-type]
         else:
-            resp, d = await _stream(request, up, prefetched, headers, idle, category)
+            resp, d = await _stream(request, up, prefetched, headers, idle, category, remaining)
             finished = not d.aborted and not d.client_gone
         d.upstream_request_id = up.headers.get("x-request-id")
         return resp, d
@@ -75,8 +76,11 @@ async def deliver(request: web.BaseRequest, up: UpstreamResponse, prefetched: by
 
 
 async def _stream(request: web.BaseRequest, up: UpstreamResponse, prefix: bytes | None,
-                  headers: Headers, idle: float,
-                  category: Category) -> tuple[web.StreamResponse, Delivery]:
+                  headers: Headers, idle: float, category: Category,
+                  remaining: float) -> tuple[web.StreamResponse, Delivery]:
+    """Copy the body after the commit. `remaining` is what is left of timeouts.total: the upstream
+    client bounds its own reads by it, but a client that stops reading would hold this handler
+    (blocked writing) and the upstream connection forever; one timer for the whole copy ends that."""
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
     d = Delivery(up.status, category)
     if up.content_length is not None:
@@ -90,39 +94,49 @@ async def _stream(request: web.BaseRequest, up: UpstreamResponse, prefix: bytes 
     switch_to_idle_timeout(up, idle)
     try:
         await resp.prepare(request)  # the commit point
-        if prefix:
-            if watcher is not None:
-                watcher.feed(prefix)
-            d.bytes_out += len(prefix)
-            await resp.write(prefix)
-        content = up.content
-        while True:
-            try:
-                chunk = await content.readany()
-            except UPSTREAM_ERRORS as exc:
-                d.category = classify_exception(exc)
-                if d.category is Category.CONNECT:  # cannot happen mid-body; keep the categories honest
-                    d.category = Category.NETWORK
-                _abort(request, resp, d)
-                return resp, d
-            if not chunk:
-                break
-            if watcher is not None:
-                watcher.feed(chunk)
-            d.bytes_out += len(chunk)
-            await resp.write(chunk)
-        if watcher is not None:
-            end = watcher.result()
-            if end is StreamEnd.TRUNCATED:
-                d.category = Category.INVALID_RESPONSE
-                _abort(request, resp, d)
-                return resp, d
-            if end is StreamEnd.ERROR_EVENT:
-                d.category = Category.SERVER  # the client has the error event; the stream ends as sent
-        await resp.write_eof()
+        async with asyncio.timeout(max(remaining, 0.001)):
+            await _copy(request, resp, d, up, prefix, watcher)
     except ConnectionError:
         d.client_gone = True  # normal traffic, not an error
+    except TimeoutError:
+        d.category = Category.TIMEOUT  # the total ran out while the client was not reading
+        _abort(request, resp, d)
     return resp, d
+
+
+async def _copy(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery, up: UpstreamResponse,
+                prefix: bytes | None, watcher: StreamWatcher | None) -> None:
+    """Chunks as they arrive; an upstream failure or a stream without its end marker aborts."""
+    if prefix:
+        if watcher is not None:
+            watcher.feed(prefix)
+        d.bytes_out += len(prefix)
+        await resp.write(prefix)
+    content = up.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except UPSTREAM_ERRORS as exc:
+            d.category = classify_exception(exc)
+            if d.category is Category.CONNECT:  # cannot happen mid-body; keep the categories honest
+                d.category = Category.NETWORK
+            _abort(request, resp, d)
+            return
+        if not chunk:
+            break
+        if watcher is not None:
+            watcher.feed(chunk)
+        d.bytes_out += len(chunk)
+        await resp.write(chunk)
+    if watcher is not None:
+        end = watcher.result()
+        if end is StreamEnd.TRUNCATED:
+            d.category = Category.INVALID_RESPONSE
+            _abort(request, resp, d)
+            return
+        if end is StreamEnd.ERROR_EVENT:
+            d.category = Category.SERVER  # the client has the error event; the stream ends as sent
+    await resp.write_eof()
 
 
 def _abort(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery) -> None:

@@ -9,6 +9,7 @@ import aiohttp
 import openai
 import pytest
 
+from proxy.events import RequestFinished
 from proxy.testing import Delay, MockUpstream, Reset, Stall, WaitGate
 
 from .test_forwarding import assert_transport_error
@@ -100,3 +101,22 @@ async def test_total_timeout_bounds_a_stream(start_proxy, mock: MockUpstream):
             assert r.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await asyncio.wait_for(r.read(), 10)
+
+
+async def test_a_client_that_stops_reading_is_cut_at_total(start_proxy, mock: MockUpstream, recorder):
+    """Blocked writing to a client that reads nothing, the proxy still gives up at timeouts.total and
+    releases the upstream request (a stalled reader must not hold a handler and a connection forever)."""
+    proxy = await start_proxy({"defaults": {"timeouts": {"total": "300ms", "idle": "60s", "first_byte": "60s"}}})
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        size = 256 * 1024 * 1024  # far more than socket buffers hold
+        writer.write(f"GET /v1/files/file-size-{size}/content HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        await mock.wait_for_requests(1)
+        rec = mock.received[0]
+        await asyncio.wait_for(rec.cancelled.wait(), 10)  # the proxy gave the upstream request up
+        (req,) = await recorder.wait_for(RequestFinished)
+        assert (req.category, req.aborted) == ("timeout", True)
+    finally:
+        writer.close()
