@@ -6,14 +6,39 @@
                        are patched too; the patched modules are printed on stderr.
   BENCH_CPROFILE=PATH  run under cProfile and write the stats to PATH when the proxy stops
                        (SIGTERM/SIGINT make it drain and return normally)
+  BENCH_OBSERVERS=X    which production observers the traffic listener gets: all (unset: the
+                       shipped wiring, metrics + request log lines), metrics, logs or none.
+                       proxy.server imported `standard_observers` by name (`from .app import ...`),
+                       so the replacement is set in proxy.server (the caller) and proxy.app; with
+                       --workers N the spawned workers import fresh and are NOT patched (one
+                       process only). Startup/shutdown log lines are not observers: they stay.
 
 Benchmark use only (bench/compare.sh, docs/benchmarks.md); not part of the package or the tests.
 """
 import os
 import sys
 
+import proxy.app
 import proxy.relay
+import proxy.server
 from proxy.__main__ import main  # imports every module of the hot path
+
+_SHIPPED_OBSERVERS = proxy.app.standard_observers
+
+
+def _observers(which: str):
+    """A drop-in for proxy.app.standard_observers keeping only the observers named by `which`."""
+    from proxy.logs import LogObserver
+    from proxy.metrics import MetricsObserver
+
+    keep = {"none": (), "metrics": (MetricsObserver,), "logs": (LogObserver,),
+            "all": (MetricsObserver, LogObserver)}[which]
+
+    def standard_observers(config, registry, *, logs=True):
+        return [o for o in _SHIPPED_OBSERVERS(config, registry, logs=logs) if isinstance(o, keep)]
+
+    return standard_observers
+
 
 if __name__ == "__main__":
     small = os.environ.get("BENCH_SMALL_BODY")
@@ -26,6 +51,12 @@ if __name__ == "__main__":
         print(f"run_proxy: SMALL_BODY={small} set in {','.join(patched)}", file=sys.stderr, flush=True)
     else:
         print(f"run_proxy: SMALL_BODY={proxy.relay.SMALL_BODY} (default)", file=sys.stderr, flush=True)
+    which = os.environ.get("BENCH_OBSERVERS") or "all"
+    if which != "all":
+        if which not in ("none", "metrics", "logs"):
+            sys.exit(f"run_proxy: BENCH_OBSERVERS must be all, metrics, logs or none, not {which!r}")
+        proxy.app.standard_observers = proxy.server.standard_observers = _observers(which)
+    print(f"run_proxy: observers={which}", file=sys.stderr, flush=True)
     out = os.environ.get("BENCH_CPROFILE")
     if out:
         import cProfile
