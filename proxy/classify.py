@@ -27,8 +27,6 @@ class Category(enum.StrEnum):
     CIRCUIT_OPEN = "circuit_open"
 
 
-FAILURES = frozenset(Category) - {Category.OK}
-
 # How much of an error body classification may read before deciding (OpenAI errors are < 1 KiB).
 ERROR_BODY_LIMIT = 64 * 1024
 

@@ -18,7 +18,6 @@ import msgspec
 import yaml
 from yarl import URL
 
-from .classify import Category
 from .routes import DEFAULT_ROUTE, Route, RouteTable, compile_path
 from .units import format_duration, format_size, parse_duration, parse_size
 
@@ -119,10 +118,6 @@ class Policy(msgspec.Struct, **_STRUCT):
     timeouts: Timeouts = Timeouts()
     retry: Retry = Retry()
     breaker: Breaker = Breaker()
-
-    @property
-    def retry_on(self) -> frozenset[Category]:
-        return frozenset(Category(c) for c in self.retry.retry_on)
 
 
 class _RouteSpec(msgspec.Struct, **_STRUCT):
