@@ -495,23 +495,30 @@ def download_test(ctx: Ctx, target: str, name: str = "sparse-1g") -> dict:
     http("GET", ctx.url(target, "/v1/files/size-1k/content"))  # a pooled upstream connection first
     time.sleep(0.5)
     pgid = ctx.procs.pgid(target)
-    win = H.CpuWindow({target: pgid})
+    runs = []
     with RssSampler(pgid, 0.02) as s:
         time.sleep(0.3)
         before = s.peak()
-        win.start()
-        res = asyncio.run(_download(ctx.url(target, path), size))
-        cpu = win.stop()
+        for _ in range(2):  # twice: the first one on a connection also pays for TCP buffer autotuning
+            win = H.CpuWindow({target: pgid})
+            win.start()
+            one = asyncio.run(_download(ctx.url(target, path), size))
+            cpu = win.stop()
+            one["ok"] = one["complete"] and one["status"] == 200 and one.pop("sha256") == zeros_sha256(size)
+            one["mb_per_s"] = size / 2**20 / one["seconds"]
+            one["proxy_cpu_s"] = cpu["groups"][target]["cpu_s"]
+            one["other_cores"] = cpu["other_cores"]
+            runs.append(one)
         t_end = s.now()
         time.sleep(1.0)
-    res["ok"] = res["complete"] and res["status"] == 200 and res["sha256"] == zeros_sha256(size)
-    res.pop("sha256")
-    res.update(target=target, size=size, rss_before_mb=before, rss_peak_mb=s.peak(),
-               rss_after_mb=s.at(t_end + 1.0), growth_mb=s.peak() - before,
-               mb_per_s=size / 2**20 / res["seconds"], proxy_cpu_s=cpu["groups"][target]["cpu_s"],
-               rss_series=[(round(t, 2), round(v, 2)) for t, v in s.samples[::5]])
-    log(f"download {name} via {target}: ok={res['ok']} {res['mb_per_s']:.0f} MiB/s, RSS {before:.1f} -> peak "
-        f"{res['rss_peak_mb']:.1f} MiB (+{res['growth_mb']:.1f}), proxy CPU {res['proxy_cpu_s']:.2f} s")
+    res = {"target": target, "size": size, "runs": runs, "ok": all(r["ok"] for r in runs),
+           "rss_before_mb": before, "rss_peak_mb": s.peak(), "rss_after_mb": s.at(t_end + 1.0),
+           "growth_mb": s.peak() - before, "mb_per_s": statistics.median(r["mb_per_s"] for r in runs),
+           "proxy_cpu_s": statistics.median(r["proxy_cpu_s"] for r in runs),
+           "rss_series": [(round(t, 2), round(v, 2)) for t, v in s.samples[::5]]}
+    log(f"download {name} x2 via {target}: ok={res['ok']} {[round(r['mb_per_s']) for r in runs]} MiB/s, RSS {before:.1f}"
+        f" -> peak {res['rss_peak_mb']:.1f} MiB (+{res['growth_mb']:.1f}), proxy CPU "
+        f"{[round(r['proxy_cpu_s'], 2) for r in runs]} s")
     return res
 
 
