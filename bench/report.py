@@ -560,6 +560,8 @@ def main() -> int:
             head = [f"machine: {m['cpus']} CPU {m['model']}, kernel {m['kernel']}, {m['mem_mb']} MiB, load {m['loadavg']}",
                     "versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
                     f"proxy code: {doc['code']} (imported from {doc['imported_from']})"]
+            if doc.get("quick"):
+                head.append("QUICK run: 1 round of 1 s per measurement, a plumbing check; the figures are not measurements")
         TABLES.append(f"### part: {part}" + (" (QUICK: plumbing check, not a measurement)" if doc.get("quick") else "")
                       + f"  — waited {doc.get('quiet_wait_s', 0):.0f} s for other processes\n")
         try:
