@@ -15,7 +15,7 @@ from .errors import ProxyError
 from .events import Emitter, Observer
 from .handler import Forwarder
 from .logs import LogObserver
-from .metrics import Metrics, MetricsObserver
+from .metrics import MetricsObserver, MetricsStore, StoreCollector
 from .upstream import create_client
 
 CONFIG = web.AppKey("config", ProxyConfig)
@@ -29,9 +29,13 @@ def route_names(config: ProxyConfig) -> list[str]:
     return [r.name for r in config.routes.routes] + [config.routes.default.name]
 
 
-def standard_observers(config: ProxyConfig, registry: CollectorRegistry, *, logs: bool = True) -> list[Observer]:
-    """The production observers: the masked log lines and the Prometheus metrics."""
-    observers: list[Observer] = [MetricsObserver(Metrics(registry), route_names(config))]
+def standard_observers(config: ProxyConfig, registry: CollectorRegistry, *, logs: bool = True,
+                       metrics_dir: str | None = None) -> list[Observer]:
+    """The production observers: the masked log lines and the Prometheus metrics (on `registry`,
+    and in a file in `metrics_dir` for the supervisor of --workers)."""
+    store = MetricsStore(route_names(config), metrics_dir)
+    registry.register(StoreCollector(store))
+    observers: list[Observer] = [MetricsObserver(store)]
     if logs:
         observers.append(LogObserver(level=config.log.level, fmt=config.log.format))
     return observers

@@ -11,7 +11,6 @@ import random
 import time
 from collections.abc import Callable
 
-import aiohttp
 from aiohttp import web
 from yarl import URL
 

@@ -63,12 +63,13 @@ def _addresses(addresses: list[Any]) -> list[str]:
     return [f"{a[0]}:{a[1]}" for a in addresses if isinstance(a, tuple)]
 
 
-async def serve_traffic_only(config: ProxyConfig, port: int, conn: Connection) -> None:
+async def serve_traffic_only(config: ProxyConfig, port: int, conn: Connection, metrics_dir: str) -> None:
     """A worker of --workers N: the traffic listener on a port shared with the other workers."""
     log = get_logger()
     stop = asyncio.Event()
-    registry = CollectorRegistry()  # multiprocess mode: samples go to the supervisor's directory
-    traffic = TrafficServer(config, standard_observers(config, registry), shutdown_timeout=config.shutdown_grace)
+    registry = CollectorRegistry()  # unused: the supervisor reads this worker's file in metrics_dir
+    traffic = TrafficServer(config, standard_observers(config, registry, metrics_dir=metrics_dir),
+                            shutdown_timeout=config.shutdown_grace)
     await traffic.setup()
     try:
         try:

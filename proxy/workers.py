@@ -1,9 +1,8 @@
 """--workers N: one supervisor and N worker processes sharing the traffic port (SO_REUSEPORT).
 
 The kernel spreads connections over the workers. Each worker is a whole proxy without the admin
-listener; the supervisor owns the admin listener: /metrics sums every worker through
-prometheus-client's multiprocess mode (each worker writes its samples to a memory-mapped file in
-a private directory), /readyz is ready once every worker listens and turns 503 on SIGTERM. The
+listener; the supervisor owns the admin listener: /metrics sums every worker (each worker keeps
+its metric values in a memory-mapped file in a private directory: proxy.metrics), /readyz is ready once every worker listens and turns 503 on SIGTERM. The
 supervisor forwards SIGTERM/SIGINT, waits for the workers to drain, restarts a worker that dies,
 and removes the metrics directory on exit.
 
@@ -23,15 +22,14 @@ import socket
 import tempfile
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from typing import Any
 
 from aiohttp import web
 
 from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
 from .logs import WRITER, get_logger
+from .metrics import DirectoryCollector
 
-METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _START_TIMEOUT = 30.0
 
 
@@ -46,7 +44,7 @@ def _pick_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def worker_main(argv: Sequence[str], port: int, conn: Connection) -> None:
+def worker_main(argv: Sequence[str], port: int, conn: Connection, metrics_dir: str) -> None:
     """A worker process (multiprocessing spawn target): the proxy without the admin listener."""
     from .__main__ import load_config, parse_args, run_loop  # noqa: PLC0415 - spawned fresh, import here
     from .logs import configure
@@ -56,7 +54,7 @@ def worker_main(argv: Sequence[str], port: int, conn: Connection) -> None:
     config = load_config(args, dict(os.environ))
     configure(config.log.level, config.log.format)
     try:
-        run_loop(serve_traffic_only(config, port, conn))
+        run_loop(serve_traffic_only(config, port, conn, metrics_dir))
     except KeyboardInterrupt:
         pass
 
@@ -69,17 +67,20 @@ class Supervisor:
         self.state = ServerState()
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: dict[int, multiprocessing.process.BaseProcess] = {}  # slot -> process
+        self.live: set[int] = set()  # pids of the workers alive now (their gauges count in /metrics)
         self.port = 0
         self.metrics_dir = ""
         self.stopping = False
 
     def _spawn(self, slot: int) -> tuple[multiprocessing.process.BaseProcess, Connection]:
         parent, child = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=worker_main, args=(self.argv, self.port, child), name=f"worker-{slot}",
-                                daemon=False)
+        proc = self.ctx.Process(target=worker_main, args=(self.argv, self.port, child, self.metrics_dir),
+                                name=f"worker-{slot}", daemon=False)
         proc.start()
         child.close()
         self.workers[slot] = proc
+        assert proc.pid is not None
+        self.live.add(proc.pid)
         return proc, parent
 
     async def _ready(self, proc: multiprocessing.process.BaseProcess, conn: Connection) -> None:
@@ -96,13 +97,12 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> None:
         from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
         cfg = self.config
         self.metrics_dir = tempfile.mkdtemp(prefix="openai-proxy-metrics-")
-        os.environ[METRICS_DIR_ENV] = self.metrics_dir  # the spawned workers import prometheus-client with it
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.metrics_dir)
+        # read from the scrape's thread: tuple() copies the set in one step
+        registry.register(DirectoryCollector(self.metrics_dir, lambda: tuple(self.live)))
         admin = web.AppRunner(create_admin_app(self.state, registry), shutdown_timeout=1.0, access_log=None)
         await admin.setup()
         loop = asyncio.get_running_loop()
@@ -118,7 +118,7 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             for slot, proc in self.workers.items():
-                self._watch(slot, proc, mark_process_dead)
+                self._watch(slot, proc)
             self.state.ready = True
             self.log.info("startup", config=effective(cfg), config_source=cfg.source, workers=cfg.workers,
                           pids=[p.pid for p in self.workers.values()])
@@ -129,7 +129,7 @@ class Supervisor:
             self.state.draining = True
             self.stopping = True
             self.log.info("draining", grace_s=cfg.shutdown_grace, workers=cfg.workers)
-            await self._stop_workers(mark_process_dead)
+            await self._stop_workers()
         finally:
             self.stopping = True
             for proc in self.workers.values():
@@ -140,14 +140,14 @@ class Supervisor:
         self.log.info("stopped")
         WRITER.flush()
 
-    def _watch(self, slot: int, proc: multiprocessing.process.BaseProcess, mark_dead: Any) -> None:
+    def _watch(self, slot: int, proc: multiprocessing.process.BaseProcess) -> None:
         """Restart a worker that dies while serving (not while stopping)."""
         loop = asyncio.get_running_loop()
 
         def exited() -> None:
             loop.remove_reader(proc.sentinel)
             proc.join(0)
-            mark_dead(proc.pid, self.metrics_dir)
+            self.live.discard(proc.pid or 0)
             if self.stopping:
                 return
             self.log.error("worker_exited", pid=proc.pid, exitcode=proc.exitcode, restarting=True)
@@ -160,13 +160,13 @@ class Supervisor:
                     if not self.stopping:
                         self.log.error("worker_restart_failed", reason=str(exc))
                     return
-                self._watch(slot, new, mark_dead)
+                self._watch(slot, new)
 
             asyncio.ensure_future(restart())
 
         loop.add_reader(proc.sentinel, exited)
 
-    async def _stop_workers(self, mark_dead: Any) -> None:
+    async def _stop_workers(self) -> None:
         loop = asyncio.get_running_loop()
         for proc in self.workers.values():
             loop.remove_reader(proc.sentinel)
@@ -180,4 +180,4 @@ class Supervisor:
                 self.log.error("worker_killed", pid=proc.pid)
                 proc.kill()
                 await loop.run_in_executor(None, proc.join, 5.0)
-            mark_dead(proc.pid, self.metrics_dir)
+            self.live.discard(proc.pid or 0)

@@ -14,9 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
-
-from proxy.metrics import Metrics
+from proxy.metrics import FAMILIES
 
 from .conftest import ALL_OPTIONAL, CHART, Render, run
 
@@ -28,15 +26,11 @@ BY_RE = re.compile(r"\bby \(([^)]*)\)")
 
 def proxy_metrics() -> dict[str, set[str]]:
     """Every series name the proxy exposes -> its label names, from the proxy's own registry."""
-    registry = CollectorRegistry()
-    metrics = Metrics(registry)
     names: dict[str, set[str]] = {}
-    for attr in vars(metrics).values():
-        labels = set(attr._labelnames)
-        kind = attr._type
-        base = attr._name
+    for fam in FAMILIES:
+        labels, kind, base = set(fam.labels), fam.kind, fam.name
         if kind == "counter":
-            names[base + "_total"] = labels
+            names[base] = labels
         elif kind == "histogram":
             for suffix in ("_bucket", "_sum", "_count"):
                 names[base + suffix] = labels | ({"le"} if suffix == "_bucket" else set())

@@ -38,6 +38,15 @@ async def test_two_workers_share_the_port_and_the_metrics(tmp_path, mock, proxy_
     assert await _metric(p.admin, "openai_proxy_requests_total") == n
     assert await _metric(p.admin, "openai_proxy_in_flight_requests") == 0
 
+    # every line is out before a worker is killed (SIGKILL loses what a worker has not flushed yet)
+    counted = 0
+
+    def nth(line: dict) -> bool:
+        nonlocal counted
+        counted += 1
+        return counted == n
+    await p.wait_event("request", where=nth)
+
     # a worker that dies is replaced, and the port keeps answering
     os.kill(startup["pids"][0], signal.SIGKILL)
     await p.wait_event("worker_exited")
@@ -46,6 +55,9 @@ async def test_two_workers_share_the_port_and_the_metrics(tmp_path, mock, proxy_
         for _ in range(10):
             async with s.post(p.traffic + "/v1/chat/completions", json=CHAT) as r:
                 assert r.status == 200
+    # the dead worker's requests still count; nothing of it stays in flight
+    assert await _metric(p.admin, "openai_proxy_requests_total") == n + 10
+    assert await _metric(p.admin, "openai_proxy_in_flight_requests") == 0
 
     p.signal()
     code, out, err = await p.finish()
