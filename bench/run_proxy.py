@@ -34,8 +34,8 @@ def _observers(which: str):
     keep = {"none": (), "metrics": (MetricsObserver,), "logs": (LogObserver,),
             "all": (MetricsObserver, LogObserver)}[which]
 
-    def standard_observers(config, registry, *, logs=True):
-        return [o for o in _SHIPPED_OBSERVERS(config, registry, logs=logs) if isinstance(o, keep)]
+    def standard_observers(config, registry, **options):
+        return [o for o in _SHIPPED_OBSERVERS(config, registry, **options) if isinstance(o, keep)]
 
     return standard_observers
 

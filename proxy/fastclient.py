@@ -60,6 +60,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, EofStream, StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .headers import HeaderList
+
 __all__ = ["FastClient", "FastResponse"]
 
 _READ_BUFSIZE = 2**16  # aiohttp's default: StreamReader pauses the socket above twice this
@@ -71,15 +73,6 @@ _EMPTY_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-
-
-class _HeaderList(list):  # type: ignore[type-arg]
-    """A header list that `_serialize_headers` accepts (it iterates `headers.items()`)."""
-
-    __slots__ = ()
-
-    def items(self) -> _HeaderList:
-        return self
 
 
 class _Conn(ResponseHandler):
@@ -361,17 +354,17 @@ class FastClient:
                 has_length = has_length or name.lower() == "content-length"
             elif n == 17:
                 has_te = has_te or name.lower() == "transfer-encoding"
-        out = _HeaderList(headers) if has_host else _HeaderList((self._host_item, *headers))
+        out = HeaderList(headers) if has_host else HeaderList((self._host_item, *headers))
         length: int | None = None
         if data is None:
             pass  # sent as given
         elif not streamed:
             if has_length or has_te:  # ours replaces the caller's: the body is right here
-                out = _HeaderList(h for h in out if h[0].lower() not in ("content-length", "transfer-encoding"))
+                out = HeaderList(h for h in out if h[0].lower() not in ("content-length", "transfer-encoding"))
             out.append(("Content-Length", str(len(data))))
         else:
             if has_te:
-                out = _HeaderList(h for h in out if h[0].lower() != "transfer-encoding")
+                out = HeaderList(h for h in out if h[0].lower() != "transfer-encoding")
             if has_length:
                 for name, value in out:
                     if name.lower() == "content-length":

@@ -17,6 +17,16 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 
 Headers = list[tuple[str, str]]  # aiohttp copies headers on the way in, so a list is the cheapest carrier
+
+
+class HeaderList(list):  # type: ignore[type-arg]
+    """A header list that aiohttp's C `_serialize_headers` accepts (it iterates `headers.items()`)."""
+
+    __slots__ = ()
+
+    def items(self) -> HeaderList:
+        return self
+
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "keep-alive, close", "close, keep-alive", "upgrade"})
 
 

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http_writer import _serialize_headers
 
 from .classify import Category, classify_exception
-from .headers import Headers, is_event_stream, response_headers
+from .headers import HeaderList, Headers, is_event_stream, response_headers
 from .sse import StreamEnd, StreamWatcher, end_markers
 from .upstream import UpstreamResponse, switch_to_idle_timeout
 
@@ -46,8 +49,76 @@ async def send_whole(request: web.BaseRequest, resp: web.Response, category: Cat
         await resp.write_eof()
     except ConnectionError:
         d.client_gone = True
-    d.bytes_out = resp.body_length
+    d.bytes_out = len(resp.body) if isinstance(resp.body, bytes) else 0  # the body, as on every path
     return d
+
+
+class _Sent(web.StreamResponse):
+    """A response already written whole by `send_complete`: aiohttp's finish step (prepare,
+    write_eof) has nothing left to do, and reads only whether to keep the connection."""
+
+    def __init__(self, status: int, keep_alive: bool, length: int) -> None:
+        super().__init__(status=status)
+        self._keep_alive = keep_alive
+        self._sent_length = length
+
+    async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+    @property
+    def body_length(self) -> int:
+        return self._sent_length
+
+
+_SMALL_WRITE = 16 * 1024  # below this, head + body are joined into one buffer; above, written as two
+
+
+async def send_complete(request: web.BaseRequest, status: int, reason: str, headers: Headers, body: bytes,
+                        has_date: bool, category: Category) -> tuple[web.StreamResponse, Delivery]:
+    """A response whose body is in memory, written as one piece: status line, headers and body.
+
+    The common case (a JSON answer read whole before the commit). aiohttp's Response would do the
+    same write through a response object, a header multidict and five coroutines, ~7 µs of CPU per
+    request (bench/); here it is one serialisation (aiohttp's C `_serialize_headers`, which rejects
+    CR/LF) and one transport write. What aiohttp would add is added: Content-Length, Date when the
+    upstream sent none, and the Connection header for the client's keep-alive choice. Flow control
+    is kept: a client that does not read makes this wait (drain), as aiohttp's writer would.
+    Not for bodiless answers (HEAD, 1xx, 204, 304): those take aiohttp's path.
+    """
+    version = request.version
+    keep_alive = request.keep_alive
+    out = HeaderList(headers)
+    out.append(("Content-Length", str(len(body))))
+    if not has_date:
+        out.append(("Date", rfc822_formatted_time()))
+    if not keep_alive:
+        if version == HttpVersion11:
+            out.append(("Connection", "close"))
+    elif version == HttpVersion10:
+        out.append(("Connection", "keep-alive"))
+    head = _serialize_headers(f"HTTP/{version.major}.{version.minor} {status} {reason}", out)
+    d = Delivery(status, category)
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        d.client_gone = True
+        return _Sent(status, False, 0), d
+    if len(body) < _SMALL_WRITE:
+        transport.write(head + body)
+    else:
+        transport.writelines((head, body))
+    d.bytes_out = len(body)
+    try:
+        await request.writer.drain()
+    except ConnectionError:
+        d.client_gone = True
+    return _Sent(status, keep_alive and not d.client_gone, len(body)), d
+
+
+def _bodiless(method: str, status: int) -> bool:
+    return method == "HEAD" or status < 200 or status == 204 or status == 304
 
 
 async def deliver(request: web.BaseRequest, up: UpstreamResponse, prefetched: bytes | None, complete: bool,
@@ -58,10 +129,14 @@ async def deliver(request: web.BaseRequest, up: UpstreamResponse, prefetched: by
     try:
         headers = response_headers(up.headers)
         headers.extend(extra.items())
-        if complete:
+        resp: web.StreamResponse
+        if complete and prefetched is not None and not _bodiless(request.method, up.status):
             finished = True
-            resp: web.StreamResponse = web.Response(status=up.status, reason=up.reason, body=prefetched,
-                                                    headers=headers)
+            resp, d = await send_complete(request, up.status, up.reason or "", headers, prefetched,
+                                          "Date" in up.headers, category)
+        elif complete:
+            finished = True
+            resp = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
             d = await send_whole(request, resp, category)  # type: ignore[arg-type]
         else:
             resp, d = await _stream(request, up, prefetched, headers, idle, category, remaining)

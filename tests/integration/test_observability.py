@@ -34,9 +34,10 @@ def log_lines(capfd) -> list[dict]:
 
 async def test_counters_after_scripted_traffic(proxy, mock, capfd):
     mock.script(PATH, error(503, "overloaded", type="server_error"), error(503, "overloaded", type="server_error"),
-                Respond(200, None), insufficient_quota(), error(400, "bad", type="invalid_request_error"))
+                Respond(200, {"id": "chatcmpl-1", "object": "chat.completion"}), insufficient_quota(),
+                error(400, "bad", type="invalid_request_error"))
     async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0) as client:
-        await client.chat.completions.with_raw_response.create(**CHAT)  # 503, 503, 200
+        raw = await client.chat.completions.with_raw_response.create(**CHAT)  # 503, 503, 200
         for exc in (openai.RateLimitError, openai.BadRequestError):
             with pytest.raises(exc):
                 await client.chat.completions.create(**CHAT)
@@ -65,7 +66,7 @@ async def test_counters_after_scripted_traffic(proxy, mock, capfd):
         {"route": r, "method": "POST", "path": PATH, "status": 200, "category": "ok", "attempts": 3,
          "stop_reason": None}
     assert first["client_sdk"].startswith("python/") and first["level"] == "info" and "timestamp" in first
-    assert first["duration_ms"] >= first["ttfb_ms"] >= 0 and first["bytes_out"] > 0
+    assert first["duration_ms"] >= first["ttfb_ms"] >= 0 and first["bytes_out"] == len(raw.http_response.content) > 0
     assert [(x["attempt"], x["category"], x["upstream_status"], x["reason"]) for x in retries] == \
         [(1, "server", 503, "backoff"), (2, "server", 503, "backoff")]
     assert [x["category"] for x in requests[1:]] == ["quota_exceeded", "client"]

@@ -68,3 +68,43 @@ def test_cache_is_bounded():
         table.match("GET", f"/v1/videos/v_{i}")
     assert len(table._cache) <= 4096
     assert table.match("GET", "/v1/videos/v_4999").name == "poll"
+
+
+# ---- the segment trie answers exactly as a first-match scan in config order ----------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_SEG = st.sampled_from(["v1", "videos", "files", "x", "content", "{id}", "{b}"])
+_METHODS = st.one_of(st.none(), st.sets(st.sampled_from(["GET", "POST", "DELETE"]), min_size=1).map(frozenset))
+
+
+@st.composite
+def _patterns(draw):
+    segs = draw(st.lists(_SEG, max_size=4))
+    seen: list[str] = []
+    for s in segs:  # a parameter name may appear once per pattern
+        seen.append(s if not s.startswith("{") or s not in seen else "x")
+    prefix = draw(st.booleans()) or not seen
+    return "/" + "/".join(seen) + ("/*" if prefix else "") if seen else "/*"
+
+
+_PATH = st.lists(st.sampled_from(["v1", "videos", "files", "x", "content", "v_1", ""]), max_size=5).map(
+    lambda parts: "/" + "/".join(parts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_patterns(), _METHODS), max_size=8), _PATH, st.sampled_from(["GET", "POST", "DELETE"]))
+def test_trie_matches_a_linear_scan(specs, path, method):
+    routes = [Route(f"r{i}", methods, compile_path(text), i) for i, (text, methods) in enumerate(specs)]
+    table = RouteTable(routes, Route("default", None, None, -1))
+    parts = path.strip("/").split("/") if path != "/" else []
+    expected = next((r for r in routes if (r.methods is None or method in r.methods)
+                     and r.pattern is not None and r.pattern.matches_parts(parts)), table.default)
+    assert table.match(method, path) is expected
+
+
+def test_a_thousand_routes_route_by_trie():
+    routes = [Route(f"r{i}", None, compile_path(f"/v1/tenant{i}/{{id}}"), i) for i in range(1000)]
+    table = RouteTable(routes, Route("default", None, None, -1))
+    assert table.match("GET", "/v1/tenant999/abc").name == "r999"
+    assert table.match("GET", "/v1/tenant1000/abc").name == "default"
