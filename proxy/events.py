@@ -86,17 +86,25 @@ Event = RequestStarted | AttemptFinished | RetryScheduled | RequestFinished | Br
 Observer = Callable[[Event], None]
 
 
-class Emitter:
-    """Fans an event out to every observer; an observer's failure never reaches the request."""
+EVENT_TYPES: tuple[type, ...] = (RequestStarted, AttemptFinished, RetryScheduled, RequestFinished, BreakerChange)
 
-    __slots__ = ("_observers", "_on_error")
+
+class Emitter:
+    """Fans an event out to the observers that want it; an observer's failure never reaches the request.
+
+    An observer may name the event types it wants in an `events` attribute (default: all), so
+    the three events of every request reach only the observers that use them.
+    """
+
+    __slots__ = ("_by_type", "_on_error")
 
     def __init__(self, observers: Sequence[Observer] = (), on_error: Callable[[BaseException], None] | None = None):
-        self._observers = tuple(observers)
+        self._by_type = {cls: tuple(o for o in observers if cls in getattr(o, "events", EVENT_TYPES))
+                         for cls in EVENT_TYPES}
         self._on_error = on_error
 
     def __call__(self, event: Event) -> None:
-        for observe in self._observers:
+        for observe in self._by_type[type(event)]:
             try:
                 observe(event)
             except Exception as exc:  # noqa: BLE001 - an observer must not fail a request

@@ -19,7 +19,7 @@ import orjson
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .events import AttemptFinished, BreakerChange, Event, RequestFinished, RequestStarted, RetryScheduled
+from .events import BreakerChange, Event, RequestFinished, RetryScheduled
 from .masking import mask, mask_event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -210,6 +210,7 @@ class LogObserver:
     """
 
     __slots__ = ("_log", "_fast", "_info")
+    events = (RequestFinished, RetryScheduled, BreakerChange)  # the others are counted by metrics only
 
     def __init__(self, logger: Any = None, *, level: str = "info", fmt: str = "json") -> None:
         self._log = logger or get_logger()
@@ -226,8 +227,6 @@ class LogObserver:
         elif isinstance(event, BreakerChange):
             self._log.warning("breaker", breaker=event.breaker, routes=list(event.routes),
                               old=event.old.name.lower(), new=event.new.name.lower())
-        elif isinstance(event, (AttemptFinished, RequestStarted)):
-            pass  # counted by metrics; the request line sums them up
 
     def _request(self, e: RequestFinished) -> None:
         if not self._info:

@@ -42,3 +42,16 @@ def test_event_masking_is_deep_and_sees_rendered_exceptions():
     assert KEY not in repr(out) and "abcdefghijklmnopqrst" not in repr(out)
     assert out["headers"]["Authorization"] == "sk-...abcd" or out["headers"]["Authorization"].endswith("...abcd")
     assert out["headers"]["X-Other"] == "fine" and out["status"] == 401 and out["attempts"] == 1
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from proxy.masking import _TRIGGER, _may_hold_secret  # noqa: E402
+
+_PIECES = st.sampled_from(["sk-", "SK-", "Auth", "aPi", "KEY", "Token", "://", ":/", "s", "k", "-", "a", "/v1/chat",
+                           "\u212a", "\u0131", "é", " ", "x"])
+
+
+@given(st.lists(_PIECES, max_size=8).map("".join) | st.text(max_size=40))
+def test_fast_prefilter_agrees_with_the_regex(text):
+    assert _may_hold_secret(text) == (_TRIGGER.search(text) is not None)
