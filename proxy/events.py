@@ -92,14 +92,14 @@ EVENT_TYPES: tuple[type, ...] = (RequestStarted, AttemptFinished, RetryScheduled
 class Emitter:
     """Fans an event out to the observers that want it; an observer's failure never reaches the request.
 
-    An observer may name the event types it wants in an `events` attribute (default: all), so
+    An observer may name the event types it wants in an `event_types` attribute (default: all), so
     the three events of every request reach only the observers that use them.
     """
 
     __slots__ = ("_by_type", "_on_error")
 
     def __init__(self, observers: Sequence[Observer] = (), on_error: Callable[[BaseException], None] | None = None):
-        self._by_type = {cls: tuple(o for o in observers if cls in getattr(o, "events", EVENT_TYPES))
+        self._by_type = {cls: tuple(o for o in observers if cls in getattr(o, "event_types", EVENT_TYPES))
                          for cls in EVENT_TYPES}
         self._on_error = on_error
 

@@ -210,7 +210,7 @@ class LogObserver:
     """
 
     __slots__ = ("_log", "_fast", "_info")
-    events = (RequestFinished, RetryScheduled, BreakerChange)  # the others are counted by metrics only
+    event_types = (RequestFinished, RetryScheduled, BreakerChange)  # the others are counted by metrics only
 
     def __init__(self, logger: Any = None, *, level: str = "info", fmt: str = "json") -> None:
         self._log = logger or get_logger()
