@@ -24,15 +24,18 @@ class ProxyError:
     message: str
     headers: Mapping[str, str] = field(default_factory=dict)
 
-    def response(self, extra: Mapping[str, str] | None = None) -> web.Response:
+    def parts(self, extra: Mapping[str, str] | None = None) -> tuple[list[tuple[str, str]], bytes]:
+        """The headers and body of the answer (the status is `status`)."""
         body = orjson.dumps({"error": {"message": self.message, "type": "proxy_error",
                                        "code": self.code, "param": None}})
-        resp = web.Response(status=self.status, body=body, content_type="application/json")
-        resp.headers["x-proxy-error"] = self.code
-        resp.headers.update(self.headers)
+        headers = [("Content-Type", "application/json"), ("x-proxy-error", self.code), *self.headers.items()]
         if extra:
-            resp.headers.update(extra)
-        return resp
+            headers.extend(extra.items())
+        return headers, body
+
+    def response(self, extra: Mapping[str, str] | None = None) -> web.Response:
+        headers, body = self.parts(extra)
+        return web.Response(status=self.status, body=body, headers=headers)
 
 
 INCOMPLETE_BODY = ProxyError(400, "incomplete_request_body",

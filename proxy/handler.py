@@ -23,7 +23,7 @@ from .errors import BAD_TARGET, BODY_TIMEOUT, INCOMPLETE_BODY, ProxyError, circu
 from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
 from .policy import RoutePolicy, compile_routes
-from .relay import Delivery, deliver, send_whole
+from .relay import Delivery, deliver, send_error
 from .retry import StopReason
 from .upstream import UpstreamClient, UrlCache
 
@@ -62,8 +62,7 @@ class Forwarder:
                 except BaseException as exc:
                     route.breaker.release(permit)
                     if isinstance(exc, BodyError):
-                        resp = _body_error(exc).response()
-                        delivery = await send_whole(request, resp, Category.CLIENT)
+                        resp, delivery = await send_error(request, _body_error(exc), Category.CLIENT)
                         return resp
                     raise
                 route.budget.deposit()
@@ -75,20 +74,20 @@ class Forwarder:
             extra = _coordination_headers(outcome, route)
             ttfb = self._clock() - start
             if outcome.verdict.category is Category.CIRCUIT_OPEN:
-                resp = circuit_open(route.breaker.name, route.breaker.retry_after(), extra).response()
-                delivery = await send_whole(request, resp, Category.CIRCUIT_OPEN)
+                resp, delivery = await send_error(
+                    request, circuit_open(route.breaker.name, route.breaker.retry_after(), extra), Category.CIRCUIT_OPEN)
                 return resp
             if outcome.response is None and body is not None and isinstance(body.data, Upload) and body.data.error:
-                resp = _body_error(body.data.error).response(extra)  # the client's upload broke, not the upstream
-                delivery = await send_whole(request, resp, Category.CLIENT)
+                # the client's upload broke, not the upstream
+                resp, delivery = await send_error(request, _body_error(body.data.error), Category.CLIENT, extra)
                 return resp
             if outcome.response is None:
                 assert outcome.error is not None
-                resp = upstream_failure(
+                err = upstream_failure(
                     outcome.verdict.category, outcome.error, host=self._host, first_byte=route.first_byte,
                     total=route.total, attempts=outcome.attempts, elapsed=self._clock() - start,
-                    stop=outcome.stop, headers=extra).response()
-                delivery = await send_whole(request, resp, outcome.verdict.category)
+                    stop=outcome.stop, headers=extra)
+                resp, delivery = await send_error(request, err, outcome.verdict.category)
                 return resp
             stream, delivery = await deliver(request, outcome.response, outcome.prefetched, outcome.complete, extra,
                                              route.idle, outcome.verdict.category,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +19,7 @@ from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_writer import _serialize_headers
 
 from .classify import Category, classify_exception
+from .errors import ProxyError
 from .headers import HeaderList, Headers, is_event_stream, response_headers
 from .sse import StreamEnd, StreamWatcher, end_markers
 from .upstream import UpstreamResponse, switch_to_idle_timeout
@@ -119,6 +121,20 @@ async def send_complete(request: web.BaseRequest, status: int, reason: str, head
 
 def _bodiless(method: str, status: int) -> bool:
     return method == "HEAD" or status < 200 or status == 204 or status == 304
+
+
+async def send_error(request: web.BaseRequest, err: ProxyError, category: Category,
+                     extra: Mapping[str, str] | None = None) -> tuple[web.StreamResponse, Delivery]:
+    """A proxy-made answer (errors.py), in one write like a prefetched body; HEAD gets aiohttp's
+    bodiless path."""
+    if _bodiless(request.method, err.status):
+        resp = err.response(extra)
+        return resp, await send_whole(request, resp, category)
+    headers, body = err.parts(extra)
+    return await send_complete(request, err.status, _REASONS.get(err.status, ""), headers, body, False, category)
+
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 async def deliver(request: web.BaseRequest, up: UpstreamResponse, prefetched: bytes | None, complete: bool,

@@ -107,3 +107,20 @@ async def test_head_and_204_keep_their_empty_bodies(proxy, mock):
     writer.close()
     assert raw.startswith(b"HTTP/1.1 204 ") and raw.endswith(b"\r\n\r\n")
     assert b"content-length" not in raw.lower()
+
+
+async def test_proxy_made_errors_on_the_wire(start_proxy):
+    dead = await start_proxy({"defaults": {"retry": {"max_attempts": 1}}}, upstream="http://127.0.0.1:9")
+    answers, closed = await converse(dead, post(), post())
+    assert len(answers) == 2 and not closed  # the connection stays usable after a proxy-made error
+    for status, headers, body in answers:
+        assert status == 502 and headers["content-type"] == "application/json"
+        assert headers["x-proxy-error"] == "upstream_connect_error" and headers["x-proxy-attempts"] == "1"
+        assert headers["content-length"] == str(len(body)) and b'"type":"proxy_error"' in body
+        assert headers["date"].endswith(" GMT")
+    host, port = dead.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 502 ") and raw.endswith(b"\r\n\r\n")  # no body after a HEAD
