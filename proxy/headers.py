@@ -35,22 +35,45 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> fro
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
-def _filter(headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]) -> Headers:
-    connection = headers.get("Connection")
-    if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
-        drop = drop | _connection_tokens(headers)
-    return [(name, value) for name, value in headers.items()
-            if (low := name.lower()) not in drop and not low.startswith("proxy-")]
+class _Filter:
+    """Keep or drop, by header name: decided once per distinct spelling (SDKs send the same names
+    on every request), then a dict lookup instead of lower() + set test + prefix test per header."""
+
+    __slots__ = ("_drop", "_known")
+
+    def __init__(self, drop: frozenset[str]) -> None:
+        self._drop = drop
+        self._known: dict[str, bool] = {}
+
+    def _learn(self, name: str) -> bool:
+        low = name.lower()
+        keep = low not in self._drop and not low.startswith("proxy-")
+        if len(self._known) < 1024:  # names come from outside: the memory stays bounded
+            self._known[name] = keep
+        return keep
+
+    def __call__(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> Headers:
+        connection = headers.get("Connection")
+        if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
+            drop = self._drop | _connection_tokens(headers)  # the rare Connection: x-foo, close
+            return [(name, value) for name, value in headers.items()
+                    if (low := name.lower()) not in drop and not low.startswith("proxy-")]
+        known, learn = self._known.get, self._learn
+        return [(name, value) for name, value in headers.items() if (k := known(name)) or (k is None and learn(name))]
+
+
+_request_filter = _Filter(_REQUEST_DROP)
+_response_filter = _Filter(_RESPONSE_DROP)
 
 
 def request_headers(headers: CIMultiDictProxy[str]) -> Headers:
     """End-to-end request headers to send upstream, in the client's order and case."""
-    return _filter(headers, _REQUEST_DROP)
+    return _request_filter(headers)
 
 
 def response_headers(headers: CIMultiDictProxy[str]) -> Headers:
     """End-to-end response headers to send to the client; Content-Encoding stays (no decompression)."""
-    return _filter(headers, _RESPONSE_DROP)
+    return _response_filter(headers)
 
 
 def is_event_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:

@@ -37,3 +37,32 @@ def test_event_stream_detection():
     assert is_event_stream(_h(("Content-Type", "text/event-stream; charset=utf-8")))
     assert not is_event_stream(_h(("Content-Type", "application/json")))
     assert not is_event_stream(_h())
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from proxy.headers import _REQUEST_DROP, _Filter  # noqa: E402
+
+_NAMES = st.sampled_from(["Host", "host", "Content-Length", "Connection", "Keep-Alive", "TE", "Authorization",
+                          "Proxy-Authorization", "proxy-foo", "X-Stainless-Lang", "x-stainless-lang", "Upgrade",
+                          "Trailer", "Transfer-Encoding", "OpenAI-Organization"])
+
+
+@given(st.lists(st.tuples(_NAMES, st.sampled_from(["keep-alive", "close", "a"])), max_size=12))
+def test_cached_filter_equals_the_rule(pairs):
+    f = _Filter(_REQUEST_DROP)
+    headers = CIMultiDictProxy(CIMultiDict(pairs))
+    connection = headers.get("Connection")
+    drop = set(_REQUEST_DROP)
+    if connection is not None and connection.lower() not in ("keep-alive", "close"):
+        drop |= {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",") if t.strip()}
+    expected = [(n, v) for n, v in headers.items() if n.lower() not in drop and not n.lower().startswith("proxy-")]
+    assert f(headers) == expected
+    assert f(headers) == expected  # the second time from the name cache
+
+
+def test_name_cache_is_bounded():
+    f = _Filter(_REQUEST_DROP)
+    for i in range(3000):
+        assert f(CIMultiDictProxy(CIMultiDict([(f"x-{i}", "v"), ("Proxy-Foo", "y")]))) == [(f"x-{i}", "v")]
+    assert len(f._known) <= 1024
