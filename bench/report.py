@@ -408,8 +408,8 @@ def report_scaling(d, plots: Path) -> None:
            "scrape ms (median)", "idle RSS MiB", "/metrics size / scrape time after the runs"], rows,
           "last: POST /v1/chat/completions, the last route; default: a path no route matches (cached per "
           "(method, path) after the first request); new path: every request a path never seen (bench/uniq.lua), so the "
-          "match cache cannot answer and every request walks the whole table. The scrape is served by the same event "
-          "loop as the traffic (single process): its time is a stall for every request in flight.")
+          "match cache cannot answer and every request is looked up in the route trie. In a single process the scrape "
+          "is rendered in a thread of the traffic process: under the GIL it still takes turns with the event loop.")
     kinds = {k: [c for _, _, c in series[("routes", k)]] for k in ("last", "default", "unique")}
     rss = [d["routes_idle_rss"].get(str(n), d["routes_idle_rss"].get(n, {})).get("total_mb") for n in (1, 100, 1000)]
     goal("5c", "met" if rss[-1] <= 60 else "MISSED", "idle RSS with 1/100/1000 routes (goal <= 60 MB per process): "
