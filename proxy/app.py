@@ -24,6 +24,14 @@ CONFIG = web.AppKey("config", ProxyConfig)
 # so its upstream request); request bodies are never decompressed; no access log on the hot path.
 SERVER_OPTIONS = dict(handler_cancellation=True, auto_decompress=False, access_log=None)
 
+# How long a client connection may sit without a complete request: idle between requests, and
+# also from accept to the first request's headers (aiohttp arms the same timer at accept), so a
+# client that trickles header bytes (slowloris) cannot hold a file descriptor for long. aiohttp's
+# low-level default is 3630 s. 75 s is nginx's keepalive_timeout: well above the SDKs' own idle
+# expiry (httpx 5 s, undici 4 s), so the client, not the proxy, closes an idle connection first
+# and never races a request against the proxy's close.
+KEEPALIVE_TIMEOUT = 75.0
+
 
 def route_names(config: ProxyConfig) -> list[str]:
     return [r.name for r in config.routes.routes] + [config.routes.default.name]
@@ -79,14 +87,14 @@ class TrafficServer:
     """
 
     def __init__(self, config: ProxyConfig, observers: Sequence[Observer] = (), *, shutdown_timeout: float = 60.0,
-                 **forwarder_options: Any) -> None:
+                 keepalive_timeout: float = KEEPALIVE_TIMEOUT, **forwarder_options: Any) -> None:
         self.config = config
         self.forwarder = Forwarder(config, Emitter(observers, _observer_failed), **forwarder_options)
         self.app = web.Application()
         self.app[CONFIG] = config
         self.app.cleanup_ctx.append(self._client_ctx)
-        self.runner = web.ServerRunner(_Server(self.forwarder.handle, **SERVER_OPTIONS),
-                                       shutdown_timeout=shutdown_timeout)
+        self.runner = web.ServerRunner(_Server(self.forwarder.handle, keepalive_timeout=keepalive_timeout,
+                                               **SERVER_OPTIONS), shutdown_timeout=shutdown_timeout)
 
     async def _client_ctx(self, app: web.Application) -> AsyncIterator[None]:
         client = create_client(self.config)

@@ -124,3 +124,35 @@ async def test_proxy_made_errors_on_the_wire(start_proxy):
     raw = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert raw.startswith(b"HTTP/1.1 502 ") and raw.endswith(b"\r\n\r\n")  # no body after a HEAD
+
+
+async def _closed_after(proxy: RunningProxy, first: bytes, trickle: bytes = b"") -> float:
+    """Send `first`, then one byte of `trickle` per 50 ms; seconds until the proxy closes."""
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(first)
+
+    async def dribble() -> None:
+        for byte in trickle:
+            await asyncio.sleep(0.05)
+            writer.write(bytes([byte]))
+
+    task = asyncio.ensure_future(dribble())
+    try:
+        while await asyncio.wait_for(reader.read(65536), 5):
+            pass  # a response, if any; the close is what counts
+        return loop.time() - began
+    finally:
+        task.cancel()
+        writer.close()
+
+
+async def test_idle_and_trickling_connections_are_closed(start_proxy, mock):
+    proxy = await start_proxy(keepalive_timeout=0.3)
+    # idle after a request: closed once the keep-alive time has passed
+    mock.script(PATH, Respond(200, {"n": 1}))
+    assert 0.25 < await _closed_after(proxy, post()) < 3
+    # a client that never finishes its headers (slowloris) is cut just the same
+    assert 0.25 < await _closed_after(proxy, b"POST /v1/chat/completions HTTP/1.1\r\n", b"X-Slow: " + b"a" * 100) < 3
