@@ -10,8 +10,11 @@ one `retry` line per retry and one `breaker` line per state change.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import queue
 import sys
+import threading
 import time
 from typing import Any
 
@@ -43,20 +46,29 @@ _SHARED: list[Any] = [
 
 
 class LineWriter:
-    """Batches log lines into few writes to stdout.
+    """Batches log lines; a writer thread does the blocking writes to stdout.
 
-    Under load thousands of requests finish per second: one write and flush every `delay`
-    seconds (10 ms) for all of their lines, instead of a system call per line. Order is kept,
-    nothing waits longer than `delay`, and the server flushes on shutdown. Writes to whatever
-    sys.stdout is now (test runners swap it); tests call flush() before they read it.
+    Under load thousands of requests finish per second. The event loop only appends a line, and
+    every `delay` seconds (10 ms) hands the batch to a writer thread: one write and flush per batch
+    instead of a system call per line, and a stdout that stalls (a full pipe that nobody reads)
+    blocks that thread, never the traffic. Order is kept. If the thread falls `max_pending` bytes
+    behind, newer batches are dropped and counted, and the thread writes a `log_lines_dropped`
+    line with the count once stdout moves again: memory stays bounded and the loss is visible.
+    `flush()` writes everything now, in order (shutdown, and tests before they read stdout).
+    Writes go to whatever sys.stdout is at the time (test runners swap it).
     """
 
-    __slots__ = ("_parts", "_scheduled", "_delay")
-
-    def __init__(self, delay: float = 0.01) -> None:
+    def __init__(self, delay: float = 0.01, max_pending: int = 64 * 2**20, flush_timeout: float = 5.0) -> None:
         self._parts: list[str] = []
         self._scheduled = False
         self._delay = delay
+        self._max_pending = max_pending
+        self._flush_timeout = flush_timeout
+        self._queue: queue.SimpleQueue[list[str] | threading.Event] = queue.SimpleQueue()
+        self._state = threading.Lock()  # guards _pending and _dropped (loop thread and writer thread)
+        self._pending = 0  # characters handed to the thread and not yet written
+        self._dropped = 0  # lines dropped since the last report
+        self._thread: threading.Thread | None = None
 
     def write(self, line: str) -> None:
         self._parts.append(line)
@@ -68,21 +80,74 @@ class LineWriter:
             self.flush()
             return
         self._scheduled = True
-        loop.call_later(self._delay, self.flush)
+        loop.call_later(self._delay, self.handoff)
+
+    def handoff(self) -> None:
+        """Give the current batch to the writer thread (the loop's timer calls this)."""
+        self._scheduled = False
+        parts = self._parts
+        if not parts:
+            return
+        self._parts = []
+        size = sum(map(len, parts))
+        with self._state:
+            if self._pending + size > self._max_pending:
+                self._dropped += len(parts)
+                return
+            self._pending += size
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+            self._thread.start()
+        self._queue.put(parts)
 
     def flush(self) -> None:
+        """Write everything handed over and everything batched, in order, before returning; waits
+        for the writer thread at most `flush_timeout` (a stalled stdout must not hang shutdown)."""
         self._scheduled = False
-        if not self._parts:
-            return
-        parts = self._parts
-        self._parts = []
-        try:
-            out = sys.stdout
-            for piece in _pieces(parts):
-                out.write(piece)
-                out.flush()
-        except (OSError, ValueError):  # stdout closed or a broken pipe: nowhere left to log
-            pass
+        parts, self._parts = self._parts, []
+        if self._thread is not None and self._thread.is_alive():
+            done = threading.Event()
+            self._queue.put(done)
+            if not done.wait(self._flush_timeout):
+                with self._state:
+                    self._dropped += len(parts)
+                return
+        _write(parts)
+
+    @property
+    def pending(self) -> int:
+        """Characters handed to the writer thread and not yet written."""
+        return self._pending
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if not isinstance(item, threading.Event):
+                _write(item)
+            with self._state:
+                if not isinstance(item, threading.Event):
+                    self._pending -= sum(map(len, item))
+                dropped = 0
+                if self._dropped and self._queue.empty():  # caught up: report after the backlog
+                    dropped, self._dropped = self._dropped, 0
+            if dropped:
+                _write([orjson.dumps({"event": "log_lines_dropped", "count": dropped,
+                                      "reason": "stdout did not keep up", "level": "warning",
+                                      "timestamp": _now()}, option=orjson.OPT_APPEND_NEWLINE).decode()])
+            if isinstance(item, threading.Event):
+                item.set()  # a flush() waits for this: everything before it is written
+
+
+def _write(parts: list[str]) -> None:
+    if not parts:
+        return
+    try:
+        out = sys.stdout
+        for piece in _pieces(parts):
+            out.write(piece)
+            out.flush()
+    except (OSError, ValueError):  # stdout closed or a broken pipe: nowhere left to log
+        pass
 
 
 _ATOMIC = 4096  # PIPE_BUF: a write this small to a pipe is never interleaved with another process's
@@ -107,6 +172,7 @@ def _pieces(lines: list[str]) -> list[str]:
 
 
 WRITER = LineWriter()
+atexit.register(WRITER.flush)  # a line still batched when the process exits is written, not lost
 
 
 class _StdoutLogger:

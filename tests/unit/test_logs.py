@@ -52,3 +52,61 @@ def test_console_format_renders_for_people(capsys):
     out = capsys.readouterr().out
     assert "request" in out and "chat_completions" in out and KEY not in out
     configure("info", "json")
+
+
+# ---- the line writer: a stalled stdout blocks its thread, never the event loop ---------------------
+
+import io  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+from proxy.logs import LineWriter  # noqa: E402
+
+
+class _Stalled(io.StringIO):
+    """A stdout whose writes block until released (a pipe nobody reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, s: str) -> int:
+        self.entered.set()
+        assert self.release.wait(10)
+        return super().write(s)
+
+
+async def test_a_stalled_stdout_never_blocks_the_loop_and_loss_is_counted(monkeypatch):
+    out = _Stalled()
+    monkeypatch.setattr(sys, "stdout", out)
+    w = LineWriter(delay=0, max_pending=2000)
+    w.write("first".ljust(99) + "\n")
+    w.handoff()
+    assert out.entered.wait(5)  # the writer thread is stuck in stdout.write
+    for i in range(100):  # the loop goes on: every write returns at once
+        w.write(f"line {i:03d}".ljust(99) + "\n")
+        if i % 10 == 9:
+            w.handoff()
+    assert w.pending <= 2000  # bounded: 1 + 10 lines accepted, 90 dropped
+    out.release.set()
+    w.flush()
+    lines = out.getvalue().splitlines()
+    assert [line.strip() for line in lines[:11]] == ["first"] + [f"line {i:03d}" for i in range(10)]
+    report = json.loads(lines[11])
+    assert (report["event"], report["count"], report["level"]) == ("log_lines_dropped", 90, "warning")
+    assert len(lines) == 12 and w.pending == 0
+
+
+async def test_flush_does_not_hang_on_a_stalled_stdout(monkeypatch):
+    out = _Stalled()
+    monkeypatch.setattr(sys, "stdout", out)
+    w = LineWriter(delay=0, flush_timeout=0.05)
+    w.write("a\n")
+    w.handoff()
+    assert out.entered.wait(5)
+    w.write("b\n")
+    w.flush()  # returns after flush_timeout instead of waiting for stdout forever
+    out.release.set()
+    w.flush()
+    assert out.getvalue().splitlines()[0] == "a"
