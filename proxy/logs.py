@@ -175,7 +175,7 @@ def _pieces(lines: list[str]) -> list[bytes]:
     current: list[str] = []
     size = 0
     for line in lines:
-        n = len(line)
+        n = len(line) if line.isascii() else len(line.encode())  # bytes, not characters
         if current and size + n > _ATOMIC:
             pieces.append("".join(current).encode())
             current, size = [], 0

@@ -110,3 +110,11 @@ async def test_flush_does_not_hang_on_a_stalled_stdout(monkeypatch):
     out.release.set()
     w.flush()
     assert out.getvalue().splitlines()[0] == "a"
+
+
+def test_pieces_stay_within_pipe_buf_in_bytes():
+    from proxy.logs import _pieces
+    lines = [("é" * 1000) + "\n"] * 10 + ["a" * 100 + "\n"] * 100  # 2001 bytes, 1001 characters each
+    pieces = _pieces(lines)
+    assert all(len(p) <= 4096 for p in pieces)
+    assert b"".join(pieces).decode() == "".join(lines)
