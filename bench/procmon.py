@@ -10,31 +10,16 @@ group is PGID, so a proxy that forks workers is measured whole. Run it right bef
 stop it right after: cpu_s / requests is then the CPU cost per request.
 """
 import json
-import os
 import signal
 import sys
 import time
 
-TICK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from harness import PAGE, TICK, proc_table  # bench/ is the script's directory: on sys.path
 
 
 def group(pgid: int) -> dict[int, tuple[int, int]]:
     """pid -> (utime+stime ticks, rss pages) for every live process in process group pgid."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # fields from #3 (state) on
-        if int(fields[2]) != pgid:  # #5 pgrp
-            continue
-        out[int(d)] = (int(fields[11]) + int(fields[12]), int(fields[21]))  # #14 utime #15 stime, #24 rss
-    return out
+    return {pid: (ticks, rss) for pid, ticks, rss in proc_table().get(pgid, [])}
 
 
 def main() -> int:

@@ -80,7 +80,7 @@ def main() -> int:
         for f in set(frames):
             incl_c[f] += c
     print(f"{total} samples")
-    print(f"\nself time by area:")
+    print("\nself time by area:")
     for a, c in area_c.most_common():
         print(f"  {100 * c / total:5.1f}%  {a}")
     print(f"\ntop {n} by self time:            self   incl")

@@ -35,6 +35,11 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> fro
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
+def _keeps(name: str, drop: frozenset[str]) -> bool:
+    low = name.lower()
+    return low not in drop and not low.startswith("proxy-")
+
+
 class _Filter:
     """Keep or drop, by header name: decided once per distinct spelling (SDKs send the same names
     on every request), then a dict lookup instead of lower() + set test + prefix test per header."""
@@ -46,8 +51,7 @@ class _Filter:
         self._known: dict[str, bool] = {}
 
     def _learn(self, name: str) -> bool:
-        low = name.lower()
-        keep = low not in self._drop and not low.startswith("proxy-")
+        keep = _keeps(name, self._drop)
         if len(self._known) < 1024:  # names come from outside: the memory stays bounded
             self._known[name] = keep
         return keep
@@ -56,8 +60,7 @@ class _Filter:
         connection = headers.get("Connection")
         if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
             drop = self._drop | _connection_tokens(headers)  # the rare Connection: x-foo, close
-            return [(name, value) for name, value in headers.items()
-                    if (low := name.lower()) not in drop and not low.startswith("proxy-")]
+            return [(name, value) for name, value in headers.items() if _keeps(name, drop)]
         known, learn = self._known.get, self._learn
         return [(name, value) for name, value in headers.items() if (k := known(name)) or (k is None and learn(name))]
 

@@ -126,11 +126,12 @@ class LineWriter:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
+            written = 0
             if not isinstance(item, threading.Event):
                 _write(item)
+                written = sum(map(len, item))
             with self._state:
-                if not isinstance(item, threading.Event):
-                    self._pending -= sum(map(len, item))
+                self._pending -= written
                 dropped = 0
                 if self._dropped and self._queue.empty():  # caught up: report after the backlog
                     dropped, self._dropped = self._dropped, 0

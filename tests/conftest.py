@@ -19,7 +19,6 @@ from typing import Any
 import openai
 import pytest
 import yaml
-from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.logs import WRITER
@@ -84,24 +83,31 @@ class LeakCheck:
 
 @pytest.fixture(autouse=True)
 def leaks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakCheck]:
-    """Every test passes through this: nothing it made the proxy write may contain the key."""
+    """Every test passes through this: nothing it made the proxy write may contain the key.
+
+    Integration and reliability tests also have their captured stdout/stderr checked (a test that
+    captures with `capsys` instead adds what it captured to `leaks.texts` itself); subprocesses'
+    output is added to `texts` by the tests that start them."""
     check = LeakCheck()
-    capfd = request.getfixturevalue("capfd") if "integration" in str(request.path) else None
-    original = ProxyError.response
+    where = str(request.path)
+    captured = ("integration" in where or "reliability" in where) and "capsys" not in request.fixturenames
+    capfd = request.getfixturevalue("capfd") if captured else None
+    original = ProxyError.parts  # every proxy-made error body is built here, whichever path writes it
 
-    def spy(self: ProxyError, extra: Any = None) -> web.Response:
-        resp = original(self, extra)
-        check.error_bodies.append(bytes(resp.body))  # type: ignore[arg-type]
-        return resp
+    def spy(self: ProxyError, extra: Any = None) -> tuple[list[tuple[str, str]], bytes]:
+        headers, body = original(self, extra)
+        check.error_bodies.append(body)
+        return headers, body
 
-    monkeypatch.setattr(ProxyError, "response", spy)
+    monkeypatch.setattr(ProxyError, "parts", spy)
     yield check
+    out = err = ""
     if capfd is not None:
         WRITER.flush()
         out, err = capfd.readouterr()
         sys.stdout.write(out)  # keep it visible in pytest's report of a failing test
         sys.stderr.write(err)
-        check.check(out, err)
+    check.check(out, err)
 
 
 @dataclass

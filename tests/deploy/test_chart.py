@@ -21,7 +21,7 @@ from proxy import config as proxy_config
 from proxy.__main__ import SYSTEM_CONFIG
 from proxy.units import parse_duration
 
-from .conftest import ALL_OPTIONAL, CHART, EXAMPLE, KUBE_VERSION, ROOT, Render, Rendered, run
+from .conftest import ALL_OPTIONAL, CHART, KUBE_VERSION, ROOT, Render, Rendered, run
 
 ADMIN_PORT = 9090
 PROXY = "openai-resilience-proxy"

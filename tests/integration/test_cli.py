@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import ROOT, spawn_proxy
+from tests.conftest import spawn_proxy
 
 
 async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

@@ -22,8 +22,7 @@ def post(version: str = "1.1", *extra: str) -> bytes:
 
 async def converse(proxy: RunningProxy, *requests: bytes) -> tuple[list[tuple[int | None, dict, bytes]], bool]:
     """Send each request on one connection after the previous answer; (answers, closed by the proxy)."""
-    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await _connect(proxy)
     answers = []
     buf = b""
     try:
@@ -48,6 +47,21 @@ async def converse(proxy: RunningProxy, *requests: bytes) -> tuple[list[tuple[in
     return answers, closed
 
 
+async def _connect(proxy: RunningProxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def until_closed(proxy: RunningProxy, request: bytes) -> bytes:
+    """Everything the proxy sends on a fresh connection until it closes it (which it must, within 5 s)."""
+    reader, writer = await _connect(proxy)
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
 async def test_keep_alive_http11_answers_on_one_connection(proxy, mock):
     mock.script(PATH, Respond(200, {"n": 1}), Respond(200, {"n": 2}))
     answers, closed = await converse(proxy, post(), post())
@@ -69,11 +83,7 @@ async def test_connection_close_is_answered_and_honoured(proxy, mock):
 
 async def test_http10_client_gets_http10_and_its_keep_alive_choice(proxy, mock):
     mock.script(PATH, Respond(200, {"n": 1}), Respond(200, {"n": 2}), Respond(200, {"n": 3}))
-    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(post("1.0"))
-    raw = await asyncio.wait_for(reader.read(), 5)  # HTTP/1.0 without keep-alive: the proxy closes
-    writer.close()
+    raw = await until_closed(proxy, post("1.0"))  # HTTP/1.0 without keep-alive: the proxy closes
     assert raw.startswith(b"HTTP/1.0 200 ")
     assert parse_reply(raw)[2] == b'{"n":1}'
     answers, closed = await converse(proxy, post("1.0", "Connection: keep-alive"), post("1.0", "Connection: keep-alive"))
@@ -88,11 +98,7 @@ async def test_date_is_the_upstreams_or_added_once(proxy, mock):
     assert status == 200 and headers["date"].endswith(" GMT")
     # an upstream without Date: the proxy adds one (RFC 9110 6.6.1), still one header
     mock.script(PATH, Raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"))
-    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(post("1.1", "Connection: close"))
-    raw = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
+    raw = await until_closed(proxy, post("1.1", "Connection: close"))
     head = raw.split(b"\r\n\r\n")[0].lower()
     assert head.count(b"\r\ndate: ") == 1 and raw.endswith(b"\r\n\r\n{}")
     assert b"content-type: application/json" in head  # nothing the upstream sent is replaced
@@ -100,11 +106,7 @@ async def test_date_is_the_upstreams_or_added_once(proxy, mock):
 
 async def test_head_and_204_keep_their_empty_bodies(proxy, mock):
     mock.script("/v1/models", Respond(204, None))
-    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    raw = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
+    raw = await until_closed(proxy, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 204 ") and raw.endswith(b"\r\n\r\n")
     assert b"content-length" not in raw.lower()
 
@@ -118,20 +120,15 @@ async def test_proxy_made_errors_on_the_wire(start_proxy):
         assert headers["x-proxy-error"] == "upstream_connect_error" and headers["x-proxy-attempts"] == "1"
         assert headers["content-length"] == str(len(body)) and b'"type":"proxy_error"' in body
         assert headers["date"].endswith(" GMT")
-    host, port = dead.url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    raw = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
+    raw = await until_closed(dead, b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 502 ") and raw.endswith(b"\r\n\r\n")  # no body after a HEAD
 
 
 async def _closed_after(proxy: RunningProxy, first: bytes, trickle: bytes = b"") -> float:
     """Send `first`, then one byte of `trickle` per 50 ms; seconds until the proxy closes."""
-    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
     loop = asyncio.get_running_loop()
     began = loop.time()
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await _connect(proxy)
     writer.write(first)
 
     async def dribble() -> None:

@@ -8,7 +8,6 @@ import socket
 import time
 
 import aiohttp
-import pytest
 
 from bench.soak import open_fds, parse_metrics, rss_kib
 from proxy.testing import Delay, MockUpstream
