@@ -25,45 +25,13 @@ RUN=$(mktemp -d /tmp/orp_profile.XXXXXX)
 mkdir -p /tmp/bench_run/www && cp nginx/sse_body.txt /tmp/bench_run/www/
 if [ "$PROFILER" = pyspy ] && ! [ -x "$PYSPY" ]; then echo "no py-spy at $PYSPY: $PY -m pip install py-spy" >&2; exit 1; fi
 
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -TERM -- -"$p" 2>/dev/null; done
-  for _ in $(seq 1 100); do
-    alive=0; for p in "${PIDS[@]}"; do kill -0 -- -"$p" 2>/dev/null && alive=1; done
-    [ $alive = 0 ] && break; sleep 0.1
-  done
-  for p in "${PIDS[@]}"; do kill -KILL -- -"$p" 2>/dev/null; done
-  wait 2>/dev/null
-  # our proxy logs one JSON line per request (~400 B): keep the head and tail of big logs only
-  for f in "$RUN"/*.log; do
-    [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 2000000 ] || continue
-    { head -n 50 "$f"; echo "... $(wc -l <"$f") lines, trimmed by ${0##*/} ..."; tail -n 50 "$f"; } >"$f.trim" && mv "$f.trim" "$f"
-  done
-  echo "stopped process groups: ${PIDS[*]:-none} (files in $RUN)" >&2
-}
-trap cleanup EXIT
+# shellcheck source=lib.sh
+. "$BENCH/lib.sh"   # start, stop_groups, archive_rev, PGID
+trap stop_groups EXIT
 trap 'exit 1' INT TERM HUP
-port_open() { (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
-start() {  # name port cmd...
-  local name=$1 port=$2; shift 2
-  if port_open "$port"; then echo "port $port already in use" >&2; exit 1; fi
-  setsid "$@" >"$RUN/$name.log" 2>&1 </dev/null &
-  local pid=$!; PIDS+=("$pid"); LAST=$pid
-  for _ in $(seq 1 150); do
-    port_open "$port" && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "$name exited:" >&2; tail -20 "$RUN/$name.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  echo "$name did not open port $port" >&2; exit 1
-}
 
 start upstream 18000 nginx -e "$RUN/nginx_up.err" -c "$BENCH/nginx/upstream.conf" -g 'daemon off;'
-SRC_ENV=()
-if [ -n "$REV" ]; then
-  sha=$(git -C "$ROOT" rev-parse --verify --quiet "$REV^{commit}") || { echo "REV=$REV: no such commit" >&2; exit 1; }
-  mkdir -p "$RUN/src" && git -C "$ROOT" archive "$sha" proxy | tar -x -C "$RUN/src" || exit 1
-  SRC_ENV=(env PYTHONPATH="$RUN/src")
-fi
+archive_rev
 printf 'admin:\n  host: 127.0.0.1\n' >"$RUN/proxy.yaml"
 if [ "$PROFILE_TARGET" = ref ]; then
   PORT_T=18090
@@ -75,7 +43,7 @@ else
   start ours 18091 "${CPROF[@]}" "${SRC_ENV[@]}" "$PY" "$BENCH/run_proxy.py" --config "$RUN/proxy.yaml" \
     --upstream http://127.0.0.1:18000 --port 18091 --admin-port 19091
 fi
-TPID=$LAST
+TPID=${PGID[ours]:-${PGID[ref]}}  # the one started above
 echo "profiling $PROFILE_TARGET (pid $TPID) with $PROFILER, ${DUR}s at c=$CONC; proxy code: ${REV:-work tree}" >&2
 
 URL=http://127.0.0.1:$PORT_T/v1/chat/completions

@@ -5,24 +5,11 @@ Writes the summary to stderr and SUMMARY_OUT, the final one-line verdict to stdo
 Exit 0 ok, 1 missing data, 2 a proxy had errors (non-2xx, socket errors, timeouts, ttfb failure, died).
 """
 import json
-import statistics as st
 import sys
 
+from harness import med, mmm  # bench/ is the script's directory: on sys.path
+
 PROXIES = ("ref", "ours", "ours_b")
-
-
-def mmm(xs, fmt):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return format(xs[0], fmt)
-    return f"{format(st.median(xs), fmt)} [{format(min(xs), fmt)}-{format(max(xs), fmt)}]"
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return st.median(xs) if xs else None
 
 
 def errors(w):
