@@ -15,9 +15,10 @@ from yarl import URL
 from .backoff import Random, parse_retry_after
 from .body import RequestBody
 from .breaker import Permit
-from .classify import ERROR_BODY_LIMIT, Category, Verdict, classify_exception, classify_status
+from .classify import (ERROR_BODY_LIMIT, Category, UnrelayableResponse, Verdict, classify_exception,
+                       classify_status)
 from .events import AttemptFinished, Emitter, RetryScheduled
-from .headers import Headers
+from .headers import Headers, unrelayable
 from .policy import RoutePolicy
 from .relay import SMALL_BODY, UPSTREAM_ERRORS
 from .retry import RetryAfter, StopReason, decide
@@ -37,6 +38,15 @@ class Outcome:
     prefetched: bytes | None = None  # body bytes already read from `response`
     complete: bool = False  # `prefetched` is the whole body
     error: BaseException | None = None  # set when there is no response
+    deferred: bool = False  # a stream the breaker has not heard about yet: the handler records its end
+
+    def discard(self) -> None:
+        """The response is not wanted (a retry replaces it): drop its connection unless read whole."""
+        if self.response is not None:
+            if self.complete:
+                self.response.release()
+            else:
+                self.response.close()
 
 
 class Exchange(NamedTuple):
@@ -73,63 +83,99 @@ async def _prefetch(up: UpstreamResponse, method: str) -> tuple[bytes | None, bo
     return b"".join(parts), False
 
 
-async def run(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Emitter,
-              permit: Permit | None, *, clock: Callable[[], float], rng: Random, sleep: Sleep) -> Outcome:
-    """Attempts until one succeeds or the policy stops. `permit` is the breaker's for attempt 1
-    (the handler asks before reading the body); every later attempt asks again."""
+async def run(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Emitter, *,
+              clock: Callable[[], float], rng: Random, sleep: Sleep) -> Outcome:
+    """Attempts until one succeeds or the policy stops.
+
+    Every attempt asks the breaker first. `circuit_open` is only ever the answer for a request that
+    was never sent; once one attempt has been made, a breaker that refuses the next one ends the
+    loop with that attempt's own outcome (stop reason `breaker`), so the client learns what the
+    upstream did. For that, a failed response is held across the backoff: a body read whole is
+    kept in memory (its connection back in the pool), any other response stays open until the
+    retry replaces it.
+    """
     policy = route.retry
     breaker = route.breaker
     attempt = 0
-    while True:
-        attempt += 1
-        if permit is None:
+    last: Outcome | None = None
+    try:
+        while True:
             permit = breaker.allow()
             if permit is None:
-                return Outcome(attempt - 1, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
-        began = clock()
-        timeout = route.timeout if attempt == 1 else aiohttp.ClientTimeout(
-            total=max(ex.start + route.total - began, 0.001), sock_connect=route.connect, sock_read=route.first_byte)
-        up: UpstreamResponse | None = None
-        try:
-            up = await send(client, ex.method, ex.url, ex.headers, ex.body, timeout)
-            prefetched, complete = await _prefetch(up, ex.method)
-            verdict = classify_status(up.status, prefetched)
-            error: BaseException | None = None
-        except UPSTREAM_ERRORS as exc:
-            if up is not None:
-                up.close()
-                up = None
-            prefetched, complete, error = None, False, exc
-            verdict = Verdict(classify_exception(exc))
-        except BaseException:
-            breaker.release(permit)
-            if up is not None:
-                up.close()
-            raise
-        category = verdict.category
+                if last is None:
+                    return Outcome(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
+                last.stop = StopReason.BREAKER  # opened during the wait: the last answer stands
+                outcome, last = last, None
+                return outcome
+            if last is not None:
+                last.discard()
+                last = None
+            attempt += 1
+            outcome = await _attempt(client, route, ex, emit, permit, attempt, clock)
+            category = outcome.verdict.category
+            if category == "ok":
+                return outcome
+            up = outcome.response
+            hint = parse_retry_after(up.headers, time.time()) if up is not None else None
+            forbids = up is not None and up.headers.get("x-should-retry") == "false"
+            decision = decide(policy, outcome.verdict, attempt=attempt, replayable=ex.body.replayable,
+                              upstream_forbids=forbids, hint=hint, remaining=ex.deadline - clock(),
+                              budget=route.budget, rng=rng, admits=lambda delay: breaker.admits(clock() + delay))
+            if not isinstance(decision, RetryAfter):
+                outcome.stop = decision.reason
+                return outcome
+            if outcome.complete and up is not None:
+                up.release()  # read whole: keep the bytes, not the connection, across the wait
+            last = outcome
+            emit(RetryScheduled(route.name, attempt, category, up.status if up is not None else None,
+                                decision.delay, decision.reason, decision.source))
+            await sleep(decision.delay)
+    except BaseException:
+        if last is not None:
+            last.discard()
+        raise
+
+
+async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Emitter, permit: Permit,
+                   attempt: int, clock: Callable[[], float]) -> Outcome:
+    """One upstream call up to its classified response headers; the breaker hears of it here, except
+    for an ordinary stream, which it hears of when the stream ends (Outcome.deferred)."""
+    breaker = route.breaker
+    began = clock()
+    timeout = route.timeout if attempt == 1 else aiohttp.ClientTimeout(
+        total=max(ex.start + route.total - began, 0.001), sock_connect=route.connect, sock_read=route.first_byte)
+    up: UpstreamResponse | None = None
+    try:
+        up = await send(client, ex.method, ex.url, ex.headers, ex.body, timeout)
+        why = unrelayable(up.status, up.reason, up.headers)
+        if why is not None:
+            raise UnrelayableResponse(why)
+        prefetched, complete = await _prefetch(up, ex.method)
+        verdict = classify_status(up.status, prefetched)
+        outcome = Outcome(attempt, verdict, None, up, prefetched, complete)
+    except UPSTREAM_ERRORS + (UnrelayableResponse,) as exc:
+        if up is not None:
+            up.close()
+            up = None
+        verdict = Verdict(classify_exception(exc))
+        outcome = Outcome(attempt, verdict, None, error=exc)
+    except BaseException:
+        breaker.release(permit)
+        if up is not None:
+            up.close()
+        raise
+    category = verdict.category
+    if category == "ok" and not outcome.complete and permit is Permit.PASS and up is not None:
+        outcome.deferred = True  # judged at its end: a stream cut after its headers is one failure
+    else:
         breaker.record(category, permit)  # at the headers: a long stream must not hold the probe
-        permit = None
-        if up is not None:
-            emit(AttemptFinished(route.name, attempt, category, up.status, clock() - began,
-                                 _int(up.headers.get("x-ratelimit-remaining-requests")),
-                                 _int(up.headers.get("x-ratelimit-remaining-tokens"))))
-        else:
-            emit(AttemptFinished(route.name, attempt, category, None, clock() - began))
-        outcome = Outcome(attempt, verdict, None, up, prefetched, complete, error)
-        if category == "ok":
-            return outcome
-        hint = parse_retry_after(up.headers, time.time()) if up is not None else None
-        forbids = up is not None and up.headers.get("x-should-retry") == "false"
-        decision = decide(policy, verdict, attempt=attempt, replayable=ex.body.replayable, upstream_forbids=forbids,
-                          hint=hint, remaining=ex.deadline - clock(), budget=route.budget, rng=rng)
-        if not isinstance(decision, RetryAfter):
-            outcome.stop = decision.reason
-            return outcome
-        if up is not None:
-            up.close()  # its body is not wanted: do not read it into the pool's connection
-        emit(RetryScheduled(route.name, attempt, category, outcome.response.status if outcome.response else None,
-                            decision.delay, decision.reason, decision.source))
-        await sleep(decision.delay)
+    if up is not None:
+        emit(AttemptFinished(route.name, attempt, category, up.status, clock() - began,
+                             _int(up.headers.get("x-ratelimit-remaining-requests")),
+                             _int(up.headers.get("x-ratelimit-remaining-tokens"))))
+    else:
+        emit(AttemptFinished(route.name, attempt, category, None, clock() - began))
+    return outcome
 
 
 def _int(value: str | None) -> int | None:

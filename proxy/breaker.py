@@ -1,8 +1,12 @@
 """Circuit breakers: pybreaker's state machine behind a two-method adapter.
 
 The breaker observes classified outcomes, it does not wrap the request: `allow()` before an
-attempt, `record(category)` once its response headers are classified (so a 10-minute stream
-does not hold the half-open probe), and again if the stream breaks after the commit.
+attempt, `record(category)` once the outcome is known. The attempt loop records an error, a
+body read whole and the half-open probe at the response headers (a 10-minute stream must not
+hold the probe); an ordinary stream is recorded once, when it ends, so a stream that breaks
+after its headers is one failure, never a success followed by a failure. `admits(at)` answers
+without taking anything: whether an attempt at time `at` would pass (asked before reading a
+request body, and before waiting a backoff that could only end in a refusal).
 pybreaker's own async path needs tornado and admits every concurrent caller when half-open;
 here half-open admits exactly one probe at a time (Linkerd's probation), and the open period is
 timed on an injected monotonic clock.
@@ -76,14 +80,24 @@ class Breaker:
         self._probing = True
         return Permit.PROBE
 
+    def admits(self, at: float) -> bool:
+        """Whether `allow()` would give a permit at monotonic time `at` (now or after a wait), as far
+        as is known now: open until its reset time, and half-open with the probe out, refuse."""
+        state = self._cb.current_state
+        if state == pybreaker.STATE_CLOSED:
+            return True
+        if state == pybreaker.STATE_OPEN:
+            return at - self._opened_at >= self._reset
+        return not self._probing
+
     def record(self, category: Category, permit: Permit | None = None) -> None:
         """Feed one classified outcome. Only the `count` categories are failures; any other answer
         (a 401, a quota 429) shows the upstream is up and counts as a success."""
         if permit is Permit.PROBE:
             self._probing = False
         state = self._cb.current_state
-        if state == pybreaker.STATE_OPEN:
-            return  # a late answer from before the breaker opened
+        if state == pybreaker.STATE_OPEN or (state == pybreaker.STATE_HALF_OPEN and permit is not Permit.PROBE):
+            return  # a late answer from before the breaker opened: only the probe decides now
         if category in self._count:
             try:
                 self._cb.call(_fail)

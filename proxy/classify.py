@@ -92,6 +92,15 @@ def _error_object(body: bytes | None) -> dict[str, object] | None:
     return err if isinstance(err, dict) else None
 
 
+class UnrelayableResponse(Exception):
+    """An upstream response that parsed but cannot be passed on (a control character in a header,
+    a status outside 100-599): `invalid_response`, like one that did not parse."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why  # a fixed phrase (headers.unrelayable), never the response's own bytes
+
+
 def classify_exception(exc: BaseException) -> Category:
     """Map an aiohttp client exception to a category, most specific class first.
 
@@ -113,6 +122,8 @@ def classify_exception(exc: BaseException) -> Category:
 
 def failure_detail(exc: BaseException) -> str:
     """A short, secret-free phrase for a person: never str(exc), which may carry URLs or headers."""
+    if isinstance(exc, UnrelayableResponse):
+        return exc.why
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return "its host name could not be resolved"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):

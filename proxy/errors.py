@@ -42,6 +42,8 @@ INCOMPLETE_BODY = ProxyError(400, "incomplete_request_body",
                              "The request body ended before the length its Content-Length header announced.")
 BAD_TARGET = ProxyError(400, "invalid_request_target",
                         "The request target must be a path starting with '/' (this is not a forward proxy).")
+BAD_VERSION = ProxyError(400, "invalid_http_version",
+                         "The request line must end with HTTP/1.0 or HTTP/1.1; HTTP/0.9 requests are not forwarded.")
 BODY_TIMEOUT = ProxyError(408, "request_body_timeout",
                           "The request body stopped arriving (or was malformed) for longer than the idle timeout.")
 

@@ -19,7 +19,7 @@ from .backoff import Random
 from .body import BodyError, RequestBody, Upload, read_body
 from .classify import Category, Verdict
 from .config import ProxyConfig
-from .errors import BAD_TARGET, BODY_TIMEOUT, INCOMPLETE_BODY, ProxyError, circuit_open, upstream_failure
+from .errors import BAD_TARGET, BAD_VERSION, BODY_TIMEOUT, INCOMPLETE_BODY, ProxyError, circuit_open, upstream_failure
 from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
 from .policy import RoutePolicy, compile_routes
@@ -43,78 +43,78 @@ class Forwarder:
         self._clock, self._rng, self._sleep = clock, rng, sleep
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.version.major != 1:  # HTTP/0.9 (a versionless request line): no headers, no framing
+            return BAD_VERSION.response()
         if not request.raw_path.startswith("/"):  # absolute-form, authority-form (CONNECT) or "*"
             return BAD_TARGET.response()  # never glued onto the upstream URL
         start = self._clock()
         route = self._routes.match(request.method, request.path).policy
         self._emit(RequestStarted(route.name))
         outcome: attempt.Outcome | None = None
-        delivery: Delivery | None = None
+        delivery = Delivery()
         body: RequestBody | None = None
         ttfb: float | None = None
         try:
-            permit = route.breaker.allow()  # before reading the body: an open breaker answers at once
-            if permit is None:
-                outcome = attempt.Outcome(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
-            else:
+            if route.breaker.admits(start):  # before reading the body: an open breaker answers at once
                 try:
                     body = await read_body(request, route.replay_limit, route.idle)
-                except BaseException as exc:
-                    route.breaker.release(permit)
-                    if isinstance(exc, BodyError):
-                        resp, delivery = await send_error(request, _body_error(exc), Category.CLIENT)
-                        return resp
-                    raise
+                except BodyError as exc:
+                    return await send_error(request, delivery, _body_error(exc), Category.CLIENT)
                 route.budget.deposit()
                 ex = attempt.Exchange(request.method, self._url(request.raw_path), request_headers(request.headers),
                                       body, start, attempt.client_deadline(request.headers, start, route.total))
                 assert self.client is not None
-                outcome = await attempt.run(self.client, route, ex, self._emit, permit,
+                # the probe is taken in there, after the body is read: a stalled upload never holds it
+                outcome = await attempt.run(self.client, route, ex, self._emit,
                                             clock=self._clock, rng=self._rng, sleep=self._sleep)
+            else:
+                outcome = attempt.Outcome(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
             extra = _coordination_headers(outcome, route)
             ttfb = self._clock() - start
             if outcome.verdict.category is Category.CIRCUIT_OPEN:
-                resp, delivery = await send_error(
-                    request, circuit_open(route.breaker.name, route.breaker.retry_after(), extra), Category.CIRCUIT_OPEN)
-                return resp
+                return await send_error(request, delivery, circuit_open(route.breaker.name, route.breaker.retry_after(),
+                                                                        extra), Category.CIRCUIT_OPEN)
             if outcome.response is None and body is not None and isinstance(body.data, Upload) and body.data.error:
                 # the client's upload broke, not the upstream
-                resp, delivery = await send_error(request, _body_error(body.data.error), Category.CLIENT, extra)
-                return resp
+                return await send_error(request, delivery, _body_error(body.data.error), Category.CLIENT, extra)
             if outcome.response is None:
                 assert outcome.error is not None
                 err = upstream_failure(
                     outcome.verdict.category, outcome.error, host=self._host, first_byte=route.first_byte,
                     total=route.total, attempts=outcome.attempts, elapsed=self._clock() - start,
                     stop=outcome.stop, headers=extra)
-                resp, delivery = await send_error(request, err, outcome.verdict.category)
-                return resp
-            stream, delivery = await deliver(request, outcome.response, outcome.prefetched, outcome.complete, extra,
-                                             route.idle, outcome.verdict.category,
-                                             remaining=start + route.total - self._clock())
-            if delivery.category is not outcome.verdict.category:
-                route.breaker.record(delivery.category)  # the stream broke after the commit
-            return stream
+                return await send_error(request, delivery, err, outcome.verdict.category)
+            return await deliver(request, delivery, outcome.response, outcome.prefetched, outcome.complete, extra,
+                                 route.idle, outcome.verdict.category, remaining=start + route.total - self._clock())
         finally:
+            if outcome is not None and delivery.status is not None:
+                _record_stream_end(route, outcome, delivery)
             self._finished(request, route, start, ttfb, body, outcome, delivery)
 
     def _finished(self, request: web.BaseRequest, route: RoutePolicy, start: float, ttfb: float | None,
-                  body: RequestBody | None, outcome: attempt.Outcome | None, delivery: Delivery | None) -> None:
+                  body: RequestBody | None, outcome: attempt.Outcome | None, d: Delivery) -> None:
         h = request.headers
         lang = h.get("x-stainless-lang")
         sdk = f"{lang}/{h.get('x-stainless-package-version', '?')}" if lang else None
-        if delivery is None:  # the client left before anything was sent
-            status, category, aborted, out, upstream_id = None, Category.OK, True, 0, None
-        else:
-            status, category, aborted = delivery.status, delivery.category, delivery.aborted or delivery.client_gone
-            out, upstream_id = delivery.bytes_out, delivery.upstream_request_id
         self._emit(RequestFinished(
-            route=route.name, method=request.method, path=request.path, status=status, category=category,
+            route=route.name, method=request.method, path=request.path, status=d.status, category=d.category,
             attempts=outcome.attempts if outcome else 0, stop_reason=outcome.stop if outcome else None,
-            aborted=aborted, duration_s=self._clock() - start, ttfb_s=ttfb,
-            bytes_in=body.size if body else None, bytes_out=out, replayable=body.replayable if body else True,
-            upstream_request_id=upstream_id, client_sdk=sdk, client_request_id=h.get("x-client-request-id"),
+            aborted=d.aborted or d.client_gone or not d.complete, duration_s=self._clock() - start, ttfb_s=ttfb,
+            bytes_in=body.size if body else None, bytes_out=d.bytes_out, replayable=body.replayable if body else True,
+            upstream_request_id=d.upstream_request_id, client_sdk=sdk, client_request_id=h.get("x-client-request-id"),
         ))
+
+
+def _record_stream_end(route: RoutePolicy, outcome: attempt.Outcome, d: Delivery) -> None:
+    """The breaker hears how a stream ended: once for an ordinary stream (deferred by the attempt
+    loop), and a break after the headers for the half-open probe, which was recorded at them.
+    A client that leaves mid-stream says nothing about the upstream."""
+    ended = d.aborted or d.complete
+    if outcome.deferred:
+        if ended:
+            route.breaker.record(d.category)
+    elif d.aborted and outcome.verdict.category is Category.OK:
+        route.breaker.record(d.category)
 
 
 def _body_error(exc: BodyError) -> ProxyError:
@@ -126,10 +126,12 @@ def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy) -> dict[
 
     After a failure the proxy's policy has run: `x-should-retry: false` stops the SDK's own
     retries. A route with max_attempts 1 leaves the SDK's retries alone.
+
+    An open breaker ends the SDK's retries on every route: its `retry-after` stays, as information
+    (an SDK that obeyed it would sleep the whole open period inside one call).
     """
     extra = {"x-proxy-attempts": str(outcome.attempts)}
     category = outcome.verdict.category
-    # circuit_open carries retry-after instead: the SDK should come back when a probe may pass
-    if category is not Category.OK and category is not Category.CIRCUIT_OPEN and route.retry.retries_enabled:
+    if category is Category.CIRCUIT_OPEN or (category is not Category.OK and route.retry.retries_enabled):
         extra["x-should-retry"] = "false"
     return extra

@@ -6,6 +6,8 @@ connection and must not be forwarded. Everything end-to-end, Authorization inclu
 
 from __future__ import annotations
 
+import re
+
 from multidict import CIMultiDict, CIMultiDictProxy
 
 HOP_BY_HOP = frozenset({
@@ -13,7 +15,9 @@ HOP_BY_HOP = frozenset({
 })
 # Host is the upstream's (aiohttp sets it from the URL); the length is recomputed per hop.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+# The proxy's coordination headers are its own (design.md, client contract): the upstream's copies
+# never reach the client beside them. x-should-retry is replaced only when the proxy sets it.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-proxy-attempts"}
 
 
 Headers = list[tuple[str, str]]  # aiohttp copies headers on the way in, so a list is the cheapest carrier
@@ -82,3 +86,24 @@ def response_headers(headers: CIMultiDictProxy[str]) -> Headers:
 def is_event_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
     """Judged on the upstream's headers (a multidict), before they are copied."""
     return headers.get("Content-Type", "").startswith("text/event-stream")
+
+
+# RFC 9110 5.5: a field value is visible characters, spaces, tabs and obs-text; no other control.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def unrelayable(status: int, reason: str | None, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | None:
+    """Why an upstream response cannot be passed on as HTTP/1.1, or None. A phrase for the error
+    message, never the offending bytes (they may be anything, a key included)."""
+    if not 100 <= status <= 599:
+        return "its status is outside 100-599"
+    if _CONTROL.search("".join(headers.values())) or _CONTROL.search("".join(headers.keys())):
+        return "a header holds a control character"
+    if reason and _CONTROL.search(reason):
+        return "its status line holds a control character"
+    return None
+
+
+def without(headers: Headers, name: str) -> Headers:
+    """`headers` less every field called `name` (lower case), for a header the proxy replaces."""
+    return [h for h in headers if h[0].lower() != name]

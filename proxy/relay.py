@@ -20,7 +20,7 @@ from aiohttp.http_writer import _serialize_headers
 
 from .classify import Category, classify_exception
 from .errors import ProxyError
-from .headers import HeaderList, Headers, is_event_stream, response_headers
+from .headers import HeaderList, Headers, is_event_stream, response_headers, without
 from .sse import StreamEnd, StreamWatcher, end_markers
 from .upstream import UpstreamResponse, switch_to_idle_timeout
 
@@ -33,26 +33,30 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 @dataclass(slots=True)
 class Delivery:
-    """How the response went to the client."""
+    """How the response went to the client. The handler makes it before anything is sent and reads
+    it whatever happens, so a handler cancelled mid-write (a client that closes as soon as it has
+    read `data: [DONE]`) is still logged with what was written."""
 
-    status: int
-    category: Category  # after the commit: ok, or what broke the stream
+    status: int | None = None  # None until the status line was sent (the commit)
+    category: Category = Category.OK  # after the commit: ok, or what broke the stream
     aborted: bool = False  # the proxy cut the client connection (the client can tell)
     client_gone: bool = False  # the client went away first
+    complete: bool = False  # the whole body was handed to the connection (or the stream's end marker)
     bytes_out: int = 0
     upstream_request_id: str | None = None
 
 
-async def send_whole(request: web.BaseRequest, resp: web.Response, category: Category) -> Delivery:
+async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response, category: Category) -> None:
     """Write a response whose body is in memory (prefetched, or proxy-made)."""
-    d = Delivery(resp.status, category)
+    d.category = category
     try:
         await resp.prepare(request)
+        d.status = resp.status
         await resp.write_eof()
+        d.complete = True
     except ConnectionError:
         d.client_gone = True
     d.bytes_out = len(resp.body) if isinstance(resp.body, bytes) else 0  # the body, as on every path
-    return d
 
 
 class _Sent(web.StreamResponse):
@@ -78,8 +82,8 @@ class _Sent(web.StreamResponse):
 _SMALL_WRITE = 16 * 1024  # below this, head + body are joined into one buffer; above, written as two
 
 
-async def send_complete(request: web.BaseRequest, status: int, reason: str, headers: Headers, body: bytes,
-                        has_date: bool, category: Category) -> tuple[web.StreamResponse, Delivery]:
+async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reason: str, headers: Headers,
+                        body: bytes, has_date: bool, category: Category) -> web.StreamResponse:
     """A response whose body is in memory, written as one piece: status line, headers and body.
 
     The common case (a JSON answer read whole before the commit). aiohttp's Response would do the
@@ -102,63 +106,69 @@ async def send_complete(request: web.BaseRequest, status: int, reason: str, head
     elif version == HttpVersion10:
         out.append(("Connection", "keep-alive"))
     head = _serialize_headers(f"HTTP/{version.major}.{version.minor} {status} {reason}", out)
-    d = Delivery(status, category)
+    d.category = category
     transport = request.transport
     if transport is None or transport.is_closing():
         d.client_gone = True
-        return _Sent(status, False, 0), d
+        return _Sent(status, False, 0)
     if len(body) < _SMALL_WRITE:
         transport.write(head + body)
     else:
         transport.writelines((head, body))
+    d.status = status
     d.bytes_out = len(body)
     try:
-        await request.writer.drain()
+        await request.writer.drain()  # returns at once unless the client's buffer is full
+        d.complete = True
     except ConnectionError:
         d.client_gone = True
-    return _Sent(status, keep_alive and not d.client_gone, len(body)), d
+    return _Sent(status, keep_alive and not d.client_gone, len(body))
 
 
 def _bodiless(method: str, status: int) -> bool:
     return method == "HEAD" or status < 200 or status == 204 or status == 304
 
 
-async def send_error(request: web.BaseRequest, err: ProxyError, category: Category,
-                     extra: Mapping[str, str] | None = None) -> tuple[web.StreamResponse, Delivery]:
+async def send_error(request: web.BaseRequest, d: Delivery, err: ProxyError, category: Category,
+                     extra: Mapping[str, str] | None = None) -> web.StreamResponse:
     """A proxy-made answer (errors.py), in one write like a prefetched body; HEAD gets aiohttp's
     bodiless path."""
     if _bodiless(request.method, err.status):
         resp = err.response(extra)
-        return resp, await send_whole(request, resp, category)
+        await send_whole(request, d, resp, category)
+        return resp
     headers, body = err.parts(extra)
-    return await send_complete(request, err.status, _REASONS.get(err.status, ""), headers, body, False, category)
+    return await send_complete(request, d, err.status, _REASONS.get(err.status, ""), headers, body, False, category)
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
-async def deliver(request: web.BaseRequest, up: UpstreamResponse, prefetched: bytes | None, complete: bool,
-                  extra: Mapping[str, str], idle: float, category: Category,
-                  remaining: float) -> tuple[web.StreamResponse, Delivery]:
-    """Send `up` to the client. Owns `up`: it is released or closed on every path out."""
+async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefetched: bytes | None,
+                  complete: bool, extra: Mapping[str, str], idle: float, category: Category,
+                  remaining: float) -> web.StreamResponse:
+    """Send `up` to the client, with the proxy's coordination headers `extra` in place of any the
+    upstream sent. Owns `up`: it is released or closed on every path out."""
     finished = False
+    d.upstream_request_id = up.headers.get("x-request-id")
     try:
         headers = response_headers(up.headers)
+        if "x-should-retry" in extra:
+            headers = without(headers, "x-should-retry")
         headers.extend(extra.items())
         resp: web.StreamResponse
         if complete and prefetched is not None and not _bodiless(request.method, up.status):
             finished = True
-            resp, d = await send_complete(request, up.status, up.reason or "", headers, prefetched,
-                                          "Date" in up.headers, category)
+            resp = await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
+                                       "Date" in up.headers, category)
         elif complete:
             finished = True
             resp = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
-            d = await send_whole(request, resp, category)  # type: ignore[arg-type]
+            await send_whole(request, d, resp, category)  # type: ignore[arg-type]
         else:
-            resp, d = await _stream(request, up, prefetched, headers, idle, category, remaining)
-            finished = not d.aborted and not d.client_gone
-        d.upstream_request_id = up.headers.get("x-request-id")
-        return resp, d
+            resp = await _stream(request, d, up, prefetched, headers, idle, category, remaining)
+            finished = d.complete and not d.aborted and not d.client_gone
+        return resp
     finally:
         if finished:
             up.release()
@@ -166,14 +176,13 @@ async def deliver(request: web.BaseRequest, up: UpstreamResponse, prefetched: by
             up.close()  # drop the upstream connection: the exchange did not finish
 
 
-async def _stream(request: web.BaseRequest, up: UpstreamResponse, prefix: bytes | None,
-                  headers: Headers, idle: float, category: Category,
-                  remaining: float) -> tuple[web.StreamResponse, Delivery]:
+async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefix: bytes | None,
+                  headers: Headers, idle: float, category: Category, remaining: float) -> web.StreamResponse:
     """Copy the body after the commit. `remaining` is what is left of timeouts.total: the upstream
     client bounds its own reads by it, but a client that stops reading would hold this handler
     (blocked writing) and the upstream connection forever; one timer for the whole copy ends that."""
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-    d = Delivery(up.status, category)
+    d.category = category
     if up.content_length is not None:
         resp.content_length = up.content_length
     watcher = None
@@ -185,6 +194,7 @@ async def _stream(request: web.BaseRequest, up: UpstreamResponse, prefix: bytes 
     switch_to_idle_timeout(up, idle)
     try:
         await resp.prepare(request)  # the commit point
+        d.status = up.status
         async with asyncio.timeout(max(remaining, 0.001)):
             await _copy(request, resp, d, up, prefix, watcher)
     except ConnectionError:
@@ -192,7 +202,13 @@ async def _stream(request: web.BaseRequest, up: UpstreamResponse, prefix: bytes 
     except TimeoutError:
         d.category = Category.TIMEOUT  # the total ran out while the client was not reading
         _abort(request, resp, d)
-    return resp, d
+    except asyncio.CancelledError:
+        # The client closed while the copy waited. The SDKs close as soon as they have read a
+        # stream's end marker, before the upstream's own end: then everything was delivered.
+        d.complete = d.complete or (watcher is not None and watcher.result() is StreamEnd.COMPLETE) or (
+            up.content_length is not None and d.bytes_out >= up.content_length)
+        raise
+    return resp
 
 
 async def _copy(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery, up: UpstreamResponse,
@@ -227,6 +243,7 @@ async def _copy(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery,
             return
         if end is StreamEnd.ERROR_EVENT:
             d.category = Category.SERVER  # the client has the error event; the stream ends as sent
+    d.complete = True  # the last byte is with the connection; write_eof adds the end of the framing
     await resp.write_eof()
 
 

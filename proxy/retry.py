@@ -7,6 +7,7 @@ adds attempts used, replayability, the upstream's word, the wait, the deadline a
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backoff import Random, backoff_delay
@@ -23,7 +24,7 @@ class StopReason(enum.StrEnum):
     BUDGET = "budget"  # the route's retry budget is spent
     DEADLINE = "deadline"  # the wait (backoff or Retry-After) would pass the deadline or retry_after_max
     NOT_REPLAYABLE = "not_replayable"  # the request body was streamed through, it cannot be sent again
-    BREAKER = "breaker"  # the route's circuit breaker is open
+    BREAKER = "breaker"  # the route's circuit breaker opened, or will not admit the retry when the wait ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +67,13 @@ class RetryPolicy:
 
 def decide(policy: RetryPolicy, verdict: Verdict, *, attempt: int, replayable: bool,
            upstream_forbids: bool, hint: tuple[float, str] | None, remaining: float,
-           budget: RetryBudget, rng: Random) -> Decision:
+           budget: RetryBudget, rng: Random, admits: Callable[[float], bool] = lambda delay: True) -> Decision:
     """After failed attempt number `attempt`: wait and retry, or stop and say why.
 
     `hint` is a parsed Retry-After (seconds, header); `remaining` is the time left before the
-    deadline. The budget is asked last, because asking spends it.
+    deadline; `admits(delay)` says whether the breaker would let an attempt through once `delay`
+    has passed (no waiting for a retry that cannot happen). The budget is asked last, because
+    asking spends it.
     """
     if upstream_forbids or not policy.retries(verdict):
         return Stop(StopReason.NOT_RETRYABLE)
@@ -88,6 +91,8 @@ def decide(policy: RetryPolicy, verdict: Verdict, *, attempt: int, replayable: b
         decision = RetryAfter(delay, "backoff", "backoff")
     if delay >= remaining:
         return Stop(StopReason.DEADLINE)
+    if not admits(delay):
+        return Stop(StopReason.BREAKER)
     if not budget.withdraw():
         return Stop(StopReason.BUDGET)
     return decision

@@ -51,6 +51,7 @@ __all__ = [
     "SSEErrorFrame",
     "SetCookie",
     "Stall",
+    "HoldEnd",
     "Step",
     "WaitGate",
     "error",
@@ -168,6 +169,16 @@ class Stall:
 
 
 @dataclass(frozen=True)
+class HoldEnd:
+    """Send the whole body (an event stream's end marker included), then hold the response open
+    before its end (``seconds``, or until ``gate`` is set): the window in which an SDK that has read
+    ``data: [DONE]`` closes its connection while the proxy still waits for the upstream's end."""
+
+    seconds: float | None = None
+    gate: str | None = None
+
+
+@dataclass(frozen=True)
 class SSEErrorFrame:
     """A 200 stream that sends an OpenAI error frame after ``after_events`` frames, then ends."""
 
@@ -221,7 +232,7 @@ class Raw:
             raise ValueError(f"Raw.then must be 'close', 'reset' or 'hold', got {self.then!r}")
 
 
-Step = (Respond | Reset | Delay | WaitGate | CutBody | Stall | SSEErrorFrame | SSECut | SetCookie
+Step = (Respond | Reset | Delay | WaitGate | CutBody | Stall | HoldEnd | SSEErrorFrame | SSECut | SetCookie
         | OverLength | Raw)
 
 SCRIPT_HEADER = "x-mock-script"
@@ -767,6 +778,8 @@ class MockUpstream:
         if isinstance(step, OverLength) and reply.length is not None:
             await self._abort(ex, clean=True)  # an orderly close, short of the announced length
             return resp
+        if isinstance(step, HoldEnd):
+            await self._pause(step.seconds, step.gate)
         return await self._finish(ex, resp)
 
     # ----------------------------------------------------------------- endpoints

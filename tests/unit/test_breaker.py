@@ -111,3 +111,27 @@ def test_retry_after_counts_down(breaker, clock):
     assert breaker.retry_after() == 5
     clock.t += 2.5
     assert breaker.retry_after() == 3
+
+
+def test_admits_answers_without_taking_the_probe(breaker, clock):
+    assert breaker.admits(clock.t)
+    _fail(breaker, 3)
+    assert not breaker.admits(clock.t) and not breaker.admits(clock.t + 4.9)
+    assert breaker.admits(clock.t + 5.0)  # the wait would end when a probe may pass
+    clock.t += 5.0
+    assert breaker.admits(clock.t) and breaker.admits(clock.t)  # asking twice takes nothing
+    probe = breaker.allow()
+    assert probe is Permit.PROBE and not breaker.admits(clock.t)  # the one probe is out
+    breaker.record(Category.OK, probe)
+    assert breaker.admits(clock.t)
+
+
+def test_late_answers_do_not_decide_a_half_open_breaker(breaker, clock):
+    early = breaker.allow()  # admitted while closed, answers after the breaker opened and half-opened
+    _fail(breaker, 3)
+    clock.t += 5.0
+    probe = breaker.allow()
+    breaker.record(Category.SERVER, early)
+    assert breaker.state is State.HALF_OPEN  # only the probe decides
+    breaker.record(Category.OK, probe)
+    assert breaker.state is State.CLOSED

@@ -13,9 +13,9 @@ def _budget(allow=True):
 
 
 def _decide(verdict=Verdict(Category.SERVER), *, policy=POLICY, attempt=1, replayable=True, forbids=False,
-            hint=None, remaining=100.0, budget=None, rng=lambda: 0.5):
+            hint=None, remaining=100.0, budget=None, rng=lambda: 0.5, admits=lambda delay: True):
     return decide(policy, verdict, attempt=attempt, replayable=replayable, upstream_forbids=forbids, hint=hint,
-                  remaining=remaining, budget=budget or _budget(), rng=rng)
+                  remaining=remaining, budget=budget or _budget(), rng=rng, admits=admits)
 
 
 @pytest.mark.parametrize("verdict", [Verdict(c) for c in
@@ -71,3 +71,15 @@ def test_no_retry_policy():
     one = RetryPolicy.from_config(Retry(max_attempts=1))
     assert not one.retries_enabled
     assert _decide(policy=one) == Stop(StopReason.LIMIT)
+
+
+def test_a_retry_the_breaker_will_refuse_stops_before_the_wait_and_the_budget():
+    asked = []
+
+    def refuses(delay: float) -> bool:
+        asked.append(delay)
+        return False
+
+    assert _decide(admits=refuses, budget=_budget(allow=False)) == Stop(StopReason.BREAKER)
+    assert asked == [0.25]  # asked about the moment the backoff would end
+    assert _decide(attempt=3, admits=refuses) == Stop(StopReason.LIMIT)  # the cheaper reasons first
