@@ -15,7 +15,7 @@ from .errors import ProxyError
 from .events import Emitter, Observer
 from .handler import Forwarder
 from .logs import LogObserver
-from .metrics import MetricsObserver, MetricsStore, StoreCollector
+from .metrics import MetricsObserver, MetricsStore, StoreCollector, bucket_bounds
 from .upstream import create_client
 
 CONFIG = web.AppKey("config", ProxyConfig)
@@ -37,11 +37,17 @@ def route_names(config: ProxyConfig) -> list[str]:
     return [r.name for r in config.routes.routes] + [config.routes.default.name]
 
 
+def duration_buckets(config: ProxyConfig) -> tuple[float, ...]:
+    """The duration histogram's bounds: up to the longest total timeout of any route."""
+    routes = (*config.routes.routes, config.routes.default)
+    return bucket_bounds(max(r.policy.timeouts.total for r in routes))
+
+
 def standard_observers(config: ProxyConfig, registry: CollectorRegistry, *, logs: bool = True,
                        metrics_dir: str | None = None) -> list[Observer]:
     """The production observers: the masked log lines and the Prometheus metrics (on `registry`,
     and in a file in `metrics_dir` for the supervisor of --workers)."""
-    store = MetricsStore(route_names(config), metrics_dir)
+    store = MetricsStore(route_names(config), metrics_dir, buckets=duration_buckets(config))
     registry.register(StoreCollector(store))
     observers: list[Observer] = [MetricsObserver(store)]
     if logs:

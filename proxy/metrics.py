@@ -10,22 +10,31 @@ collectors below turn a snapshot of the array into its metric families.
 With --workers N each worker's array is a file in a private directory; the supervisor's
 `DirectoryCollector` sums them (counters of dead workers included, gauges of live ones only), the
 equivalent of prometheus-client's multiprocess mode at a fraction of its cost per increment.
+
+The duration histogram's bucket bounds depend on the config (they reach its longest total
+timeout), so each store writes its bounds into its file next to the route names, and the
+supervisor renders every file with the bounds all files share (`combine`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import resource
 import struct
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from prometheus_client import PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from . import __version__
 from .classify import Category
 from .events import AttemptFinished, BreakerChange, Event, RequestFinished, RequestStarted, RetryScheduled
 from .retry import StopReason
@@ -33,8 +42,13 @@ from .retry import StopReason
 P = "openai_proxy_"
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "aborted")
 _STATUS_CLASS = ("aborted", "aborted", "2xx", "3xx", "4xx", "5xx")  # by status // 100
-# LLM latencies: tens of milliseconds (a cached embedding) to ten minutes (a long reasoning stream)
-BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+OUTCOMES = ("ok", "error")
+TRANSITION_STATES = ("closed", "half_open", "open")  # by BreakerState value
+# LLM latencies: 5 ms (a proxy-made 503 of an open breaker, a cached embedding) to the longest
+# total timeout (a long reasoning stream). One fixed ladder, cut per config by `bucket_bounds`: two
+# configs share their `le` values wherever both have them, so a fleet's histograms still add up.
+LADDER = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+          900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0)
 _ATTEMPT_CATEGORIES = tuple(c.value for c in Category if c is not Category.CIRCUIT_OPEN)
 _ERROR_CATEGORIES = tuple(c.value for c in Category if c is not Category.OK)
 _STOP_REASONS = tuple(r.value for r in StopReason)
@@ -60,25 +74,46 @@ RETRIES = Family(P + "retries_total", "counter", "Retries, by the category of th
 STOPS = Family(P + "retry_stops_total", "counter", "Why retrying stopped after a failed attempt.",
                ("route", "reason"))
 BREAKER = Family(P + "breaker_state", "gauge", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ("route",))
-DURATION = Family(P + "request_duration_seconds", "histogram", "Client request duration, until the last byte.",
-                  ("route",))
+DURATION = Family(P + "request_duration_seconds", "histogram", "Client request duration, until the last byte; "
+                  "outcome ok: a success delivered whole, error: everything else.", ("route", "outcome"))
 IN_FLIGHT = Family(P + "in_flight_requests", "gauge", "Client requests in progress.", ("route",))
 REMAINING_REQUESTS = Family(P + "ratelimit_remaining_requests", "gauge",
                             "The upstream's x-ratelimit-remaining-requests, last seen.", ("route",))
 REMAINING_TOKENS = Family(P + "ratelimit_remaining_tokens", "gauge",
                           "The upstream's x-ratelimit-remaining-tokens, last seen.", ("route",))
-FAMILIES = (REQUESTS, ERRORS, ATTEMPTS, RETRIES, STOPS, BREAKER, DURATION, IN_FLIGHT, REMAINING_REQUESTS,
-            REMAINING_TOKENS)
+RETRY_SUCCESSES = Family(P + "retry_successes_total", "counter",
+                         "Client requests that succeeded after more than one attempt.", ("route",))
+TRANSITIONS = Family(P + "breaker_transitions_total", "counter",
+                     "Circuit breaker state changes, by the state entered.", ("route", "to"))
+BUILD_INFO = Family(P + "build_info", "gauge", "The proxy's version; always 1.", ("version",))
+FAMILIES = (REQUESTS, ERRORS, ATTEMPTS, RETRIES, STOPS, RETRY_SUCCESSES, BREAKER, TRANSITIONS, DURATION, IN_FLIGHT,
+            REMAINING_REQUESTS, REMAINING_TOKENS, BUILD_INFO)
+
+
+def bucket_bounds(longest_total: float) -> tuple[float, ...]:
+    """The ladder up to its first bound >= the longest total timeout, so every request that ends
+    within its deadline lands in a finite bucket. Past the ladder's end, the total itself is the
+    last bound."""
+    for i, bound in enumerate(LADDER):
+        if bound >= longest_total:
+            return LADDER[:i + 1]
+    return LADDER + ((float(longest_total),) if math.isfinite(longest_total) else ())
+
+
+DEFAULT_BUCKETS = bucket_bounds(900.0)  # the built-in total timeout
 
 
 # ---- one route's block of slots (pure layout) ----------------------------------------------------
+#
+# A fixed head (counters, then gauges), then one histogram per outcome: [sum, bucket 0 .. bucket n],
+# n = len(bounds), the last bucket +Inf. Only the histograms' size depends on the bounds.
 
 def _layout() -> tuple[dict[str, int], int]:
     sizes = [("used", 1), ("requests", len(STATUS_CLASSES)), ("errors", len(_ERROR_CATEGORIES)),
              ("attempts", len(_ATTEMPT_CATEGORIES)), ("retries", len(_ATTEMPT_CATEGORIES)),
-             ("stops", len(_STOP_REASONS)), ("buckets", len(BUCKETS) + 1), ("sum", 1), ("in_flight", 1),
-             ("breaker", 1), ("remaining_requests", 1), ("remaining_requests_at", 1), ("remaining_tokens", 1),
-             ("remaining_tokens_at", 1)]
+             ("stops", len(_STOP_REASONS)), ("retry_successes", 1), ("transitions", len(TRANSITION_STATES)),
+             ("in_flight", 1), ("breaker", 1), ("remaining_requests", 1), ("remaining_requests_at", 1),
+             ("remaining_tokens", 1), ("remaining_tokens_at", 1)]
     offsets, off = {}, 0
     for name, n in sizes:
         offsets[name] = off
@@ -86,8 +121,9 @@ def _layout() -> tuple[dict[str, int], int]:
     return offsets, off
 
 
-_OFF, BLOCK = _layout()
-_USED, _BUCKETS, _SUM, _IN_FLIGHT, _BREAKER = (_OFF[k] for k in ("used", "buckets", "sum", "in_flight", "breaker"))
+_OFF, HEAD = _layout()
+_USED, _IN_FLIGHT, _BREAKER = (_OFF[k] for k in ("used", "in_flight", "breaker"))
+_RETRY_SUCCESSES, _TRANSITIONS = _OFF["retry_successes"], _OFF["transitions"]
 _REM_REQ, _REM_REQ_AT = _OFF["remaining_requests"], _OFF["remaining_requests_at"]
 _REM_TOK, _REM_TOK_AT = _OFF["remaining_tokens"], _OFF["remaining_tokens_at"]
 _REQUESTS = {c: _OFF["requests"] + i for i, c in enumerate(STATUS_CLASSES)}
@@ -96,28 +132,48 @@ _ERRORS = {Category(c): _OFF["errors"] + i for i, c in enumerate(_ERROR_CATEGORI
 _ATTEMPTS = {Category(c): _OFF["attempts"] + i for i, c in enumerate(_ATTEMPT_CATEGORIES)}
 _RETRIES = {Category(c): _OFF["retries"] + i for i, c in enumerate(_ATTEMPT_CATEGORIES)}
 _STOPS = {r: _OFF["stops"] + i for i, r in enumerate(_STOP_REASONS)}
+_HIST_OK = HEAD  # the ok histogram; the error one follows it at HEAD + hist_size(bounds)
+
+
+def hist_size(bounds: Sequence[float]) -> int:
+    return len(bounds) + 2  # sum, the finite buckets, +Inf
+
+
+def block_size(bounds: Sequence[float]) -> int:
+    return HEAD + len(OUTCOMES) * hist_size(bounds)
 
 
 # ---- the store: a process's array, anonymous or a file ------------------------------------------
 
-_MAGIC = b"ORPM1\x00\x00\x00"
-_HEAD = struct.Struct("<8sQ")  # magic, length of the JSON route list that follows
+_MAGIC = b"ORPM2\x00\x00\x00"
+_FILE_HEAD = struct.Struct("<8sQ")  # magic, length of the JSON that follows: {"routes": [...], "buckets": [...]}
+
+
+def _check_bounds(bounds: Sequence[float]) -> tuple[float, ...]:
+    out = tuple(float(b) for b in bounds)
+    if not out or any(not math.isfinite(b) for b in out) or any(a >= b for a, b in zip(out, out[1:])):
+        raise ValueError(f"bucket bounds must be finite and increasing: {out!r}")
+    return out
 
 
 class MetricsStore:
     """One process's metric values: `slots[base(route) + offset]` are plain doubles.
 
     Anonymous memory in a single process; a file in `directory` (named by pid) under --workers, so
-    the supervisor can read it. The file starts with the route names, so a worker restarted with a
-    different config is still summed by name. Untouched pages cost no memory.
+    the supervisor can read it. The file starts with the route names and the histogram's bucket
+    bounds, so a worker restarted with a different config is still summed by name and rendered
+    with its own bounds. Untouched pages cost no memory.
     """
 
-    def __init__(self, routes: Sequence[str], directory: str | None = None) -> None:
+    def __init__(self, routes: Sequence[str], directory: str | None = None, *,
+                 buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
         self.routes = tuple(dict.fromkeys(routes))
-        self.base = {name: i * BLOCK for i, name in enumerate(self.routes)}
-        header = json.dumps(self.routes).encode()
-        start = -(-(_HEAD.size + len(header)) // 8) * 8  # the doubles start 8-byte aligned
-        size = start + 8 * BLOCK * max(len(self.routes), 1)
+        self.bounds = _check_bounds(buckets)
+        self.block = block_size(self.bounds)
+        self.base = {name: i * self.block for i, name in enumerate(self.routes)}
+        header = json.dumps({"routes": self.routes, "buckets": self.bounds}).encode()
+        start = -(-(_FILE_HEAD.size + len(header)) // 8) * 8  # the doubles start 8-byte aligned
+        size = start + 8 * self.block * max(len(self.routes), 1)
         self.path: str | None = None
         if directory is None:
             self._map = mmap.mmap(-1, size)
@@ -129,17 +185,18 @@ class MetricsStore:
                 self._map = mmap.mmap(fd, size)
             finally:
                 os.close(fd)
-        self._map[:_HEAD.size + len(header)] = _HEAD.pack(_MAGIC, len(header)) + header
+        self._map[:_FILE_HEAD.size + len(header)] = _FILE_HEAD.pack(_MAGIC, len(header)) + header
         self._start = start
         self.slots = memoryview(self._map)[start:].cast("d")
 
     def snapshot(self) -> Snapshot:
         """A copy, taken in one step: a scrape never sees half of a request's updates."""
-        return Snapshot(self.routes, memoryview(bytes(self.slots)).cast("d"))
+        return Snapshot(self.routes, self.bounds, memoryview(bytes(self.slots)).cast("d"))
 
 
 class Snapshot(NamedTuple):
     routes: tuple[str, ...]
+    bounds: tuple[float, ...]  # the duration histogram's finite bucket bounds
     slots: Sequence[float]
 
 
@@ -148,31 +205,42 @@ def read_snapshot(path: str) -> Snapshot | None:
     try:
         with open(path, "rb") as f:
             data = f.read()
-        magic, n = _HEAD.unpack_from(data)
+        magic, n = _FILE_HEAD.unpack_from(data)
         if magic != _MAGIC:
             return None
-        routes = tuple(json.loads(data[_HEAD.size:_HEAD.size + n]))
-        start = -(-(_HEAD.size + n) // 8) * 8
-        slots = memoryview(data)[start:start + 8 * BLOCK * len(routes)].cast("d")
-        if len(slots) != BLOCK * len(routes):
+        header = json.loads(data[_FILE_HEAD.size:_FILE_HEAD.size + n])
+        routes = tuple(str(r) for r in header["routes"])
+        bounds = _check_bounds(header["buckets"])
+        block = block_size(bounds)
+        start = -(-(_FILE_HEAD.size + n) // 8) * 8
+        slots = memoryview(data)[start:start + 8 * block * len(routes)].cast("d")
+        if len(slots) != block * len(routes):
             return None
-        return Snapshot(routes, slots)
-    except (OSError, ValueError, struct.error):
+        return Snapshot(routes, bounds, slots)
+    except (OSError, ValueError, TypeError, KeyError, struct.error):
         return None
 
 
 # ---- events -> slots ---------------------------------------------------------------------------
 
-class MetricsObserver:
-    """Events -> slot updates. Observes only; runs on the event loop, so no lock is needed."""
+_OK = Category.OK
 
-    __slots__ = ("store", "_s", "_base", "_now")
+class MetricsObserver:
+    """Events -> slot updates. Observes only; runs on the event loop, so no lock is needed.
+
+    A request costs what it did before the outcome split: its status class, its error category or
+    stop reason when it has one, one bucket and one sum (of its outcome's histogram), the in-flight
+    gauge; a success after a retry one more slot."""
+
+    __slots__ = ("store", "_s", "_base", "_now", "_bounds", "_hist_error")
 
     def __init__(self, store: MetricsStore, *, now: Callable[[], float] = time.time) -> None:
         self.store = store
         self._s = store.slots
         self._base = store.base
         self._now = now
+        self._bounds = store.bounds
+        self._hist_error = _HIST_OK + hist_size(store.bounds)
 
     def __call__(self, event: Event) -> None:
         s = self._s
@@ -183,13 +251,21 @@ class MetricsObserver:
                 s[b + _REQUESTS["aborted"]] += 1
             else:
                 s[b + _REQUESTS_BY_CODE[status // 100]] += 1
-            if event.category is not Category.OK:
-                s[b + _ERRORS[event.category]] += 1
+            category = event.category
+            if category is not _OK:
+                s[b + _ERRORS[category]] += 1
+                h = b + self._hist_error
+            elif event.aborted:
+                h = b + self._hist_error
+            else:
+                h = b + _HIST_OK
+                if event.attempts > 1:
+                    s[b + _RETRY_SUCCESSES] += 1
             if event.stop_reason is not None:
                 s[b + _STOPS[event.stop_reason]] += 1
             d = event.duration_s
-            s[b + _BUCKETS + bisect_left(BUCKETS, d)] += 1
-            s[b + _SUM] += d
+            s[h + 1 + bisect_left(self._bounds, d)] += 1
+            s[h] += d
             s[b + _IN_FLIGHT] -= 1
         elif isinstance(event, RequestStarted):
             b = self._base[event.route]
@@ -207,8 +283,11 @@ class MetricsObserver:
         elif isinstance(event, RetryScheduled):
             s[self._base[event.route] + _RETRIES[event.category]] += 1
         elif isinstance(event, BreakerChange):
+            new = int(event.new)
             for route in event.routes:
-                s[self._base[route] + _BREAKER] = int(event.new)
+                b = self._base[route]
+                s[b + _BREAKER] = new
+                s[b + _TRANSITIONS + new] += 1
 
 
 # ---- snapshots -> metric families (pure) ---------------------------------------------------------
@@ -217,46 +296,88 @@ _ROUTE_VALUES = ((REQUESTS, "requests", STATUS_CLASSES), (ERRORS, "errors", _ERR
                  (ATTEMPTS, "attempts", _ATTEMPT_CATEGORIES), (RETRIES, "retries", _ATTEMPT_CATEGORIES),
                  (STOPS, "stops", _STOP_REASONS))
 _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
-_LE = tuple(floatToGoString(b) for b in BUCKETS) + ("+Inf",)
 
 
-def combine(snapshots: Iterable[tuple[Snapshot, bool]]) -> dict[str, list[float]]:
+class Combined(NamedTuple):
+    """Route name -> one block laid out for `bounds` (the bucket bounds every snapshot has)."""
+
+    bounds: tuple[float, ...]
+    routes: dict[str, list[float]]
+
+
+def _fold(src: Sequence[float], dst: Sequence[float]) -> list[tuple[int, int]]:
+    """(source slot, target slot) pairs, relative to the histograms' start, that re-bucket the
+    histograms of a block with bounds `src` into bounds `dst`, a subset of `src`.
+
+    Exact: each target bucket (dst[k-1], dst[k]] is the union of the source buckets in it, so a
+    source bucket goes to the first target bucket whose bound is >= its own (+Inf to +Inf)."""
+    pairs = []
+    for o in range(len(OUTCOMES)):
+        s0, d0 = o * hist_size(src), o * hist_size(dst)
+        pairs.append((s0, d0))  # the sum
+        for i, bound in enumerate(src):
+            pairs.append((s0 + 1 + i, d0 + 1 + bisect_left(dst, bound)))
+        pairs.append((s0 + 1 + len(src), d0 + 1 + len(dst)))  # +Inf
+    return pairs
+
+
+def combine(snapshots: Iterable[tuple[Snapshot, bool]]) -> Combined:
     """Sum snapshots by route name into one block per route.
 
-    Counters and the histogram are summed over every snapshot; `live` False marks a dead worker's
+    Counters and the histograms are summed over every snapshot; `live` False marks a dead worker's
     file, whose counters still count (they happened) but whose gauges do not: in-flight is summed
     over live workers, the breaker is the worst of them, a rate-limit reading the newest of them.
+
+    Workers of one config share one set of bucket bounds. Should files disagree (a worker restarted
+    with another config), the histograms are rendered with the bounds all of them have: the counts
+    stay exact, the other bounds are left out until the supervisor restarts.
     """
+    snaps = list(snapshots)
+    common = set(snaps[0][0].bounds) if snaps else set()
+    for snap, _ in snaps[1:]:
+        common &= set(snap.bounds)
+    bounds = tuple(sorted(common))
+    block = block_size(bounds)
     out: dict[str, list[float]] = {}
-    for snap, live in snapshots:
-        s = snap.slots
-        for name, i in zip(snap.routes, range(0, len(s), BLOCK)):
-            block = s[i:i + BLOCK]
+    for snap, live in snaps:
+        s, n = snap.slots, block_size(snap.bounds)
+        fold = [(HEAD + a, HEAD + b) for a, b in _fold(snap.bounds, bounds)]
+        for name, i in zip(snap.routes, range(0, len(s), n)):
+            src = s[i:i + n]
             c = out.get(name)
             if c is None:
-                c = out[name] = [0.0] * BLOCK
-            for k in range(_IN_FLIGHT):  # used, counters, buckets, sum
-                c[k] += block[k]
+                c = out[name] = [0.0] * block
+            for k in range(_IN_FLIGHT):  # used and the counters
+                c[k] += src[k]
+            if src[_USED]:  # a route that never had a request has empty histograms
+                for a, b in fold:
+                    c[b] += src[a]
             if not live:
                 continue
-            c[_IN_FLIGHT] += block[_IN_FLIGHT]
-            c[_BREAKER] = max(c[_BREAKER], block[_BREAKER])
+            c[_IN_FLIGHT] += src[_IN_FLIGHT]
+            c[_BREAKER] = max(c[_BREAKER], src[_BREAKER])
             for value, at in ((_REM_REQ, _REM_REQ_AT), (_REM_TOK, _REM_TOK_AT)):
-                if block[at] > c[at]:
-                    c[at], c[value] = block[at], block[value]
-    return out
+                if src[at] > c[at]:
+                    c[at], c[value] = src[at], src[value]
+    return Combined(bounds, out)
 
 
-def families(routes: dict[str, list[float]]) -> list[Metric]:
+def families(combined: Combined) -> list[Metric]:
     """The contract's metric families from combined route values.
 
-    Every route shows its breaker and in-flight gauges. A route that has seen a request shows
-    every counter series (zeros included, so a first error is a rate, not a new series) and its
-    histogram; rate-limit gauges appear once the upstream has sent the header.
+    Every route shows its breaker and in-flight gauges and its transition counters. A route that
+    has seen a request shows every other counter series (zeros included, so a first error is a
+    rate, not a new series) and both outcomes of its histogram; rate-limit gauges appear once the
+    upstream has sent the header.
     """
     out = {fam: _KINDS[fam.kind](fam.name, fam.help, labels=list(fam.labels)) for fam in FAMILIES}
-    for name, c in routes.items():
+    out[BUILD_INFO].add_metric([__version__], 1)
+    le = [floatToGoString(b) for b in combined.bounds] + ["+Inf"]
+    size = hist_size(combined.bounds)
+    for name, c in combined.routes.items():
         out[BREAKER].add_metric([name], c[_BREAKER])
+        for i, to in enumerate(TRANSITION_STATES):
+            out[TRANSITIONS].add_metric([name, to], c[_TRANSITIONS + i])
         out[IN_FLIGHT].add_metric([name], c[_IN_FLIGHT])
         if c[_REM_REQ_AT] > 0:
             out[REMAINING_REQUESTS].add_metric([name], c[_REM_REQ])
@@ -268,11 +389,14 @@ def families(routes: dict[str, list[float]]) -> list[Metric]:
             metric, off = out[fam], _OFF[key]
             for i, v in enumerate(values):
                 metric.add_metric([name, v], c[off + i])
-        cumulative, buckets = 0.0, []
-        for i, le in enumerate(_LE):
-            cumulative += c[_BUCKETS + i]
-            buckets.append((le, cumulative))
-        out[DURATION].add_metric([name], buckets, sum_value=c[_SUM])
+        out[RETRY_SUCCESSES].add_metric([name], c[_RETRY_SUCCESSES])
+        for o, outcome in enumerate(OUTCOMES):
+            h = HEAD + o * size
+            cumulative, buckets = 0.0, []
+            for i, bound in enumerate(le):
+                cumulative += c[h + 1 + i]
+                buckets.append((bound, cumulative))
+            out[DURATION].add_metric([name, outcome], buckets, sum_value=c[h])
     return list(out.values())
 
 
@@ -286,7 +410,7 @@ class StoreCollector:
         yield from families(combine([(self._store.snapshot(), True)]))
 
     def describe(self) -> list[Metric]:
-        return families({})
+        return families(Combined((), {}))
 
 
 class DirectoryCollector:
@@ -312,4 +436,72 @@ class DirectoryCollector:
         yield from families(combine(snaps))
 
     def describe(self) -> list[Metric]:
-        return families({})
+        return families(Combined((), {}))
+
+
+# ---- process metrics -----------------------------------------------------------------------------
+
+def process_collectors(worker_pids: Callable[[], Iterable[int]] | None = None) -> list[Any]:
+    """The standard process_* and python_info collectors for the admin registry.
+
+    Single process: prometheus-client's own. Supervisor of --workers (`worker_pids` given): the
+    process_* series describe the whole proxy, see `ProcessTreeCollector`."""
+    proc = ProcessCollector(registry=None) if worker_pids is None else ProcessTreeCollector(worker_pids)
+    return [proc, PlatformCollector(registry=None)]
+
+
+class ProcessTreeCollector:
+    """process_* for the supervisor and its workers together, the way a pod's CPU and memory are:
+
+    - process_cpu_seconds_total: the supervisor, its live workers (from /proc), and every worker
+      that has exited and been reaped (getrusage(RUSAGE_CHILDREN)), so a worker's restart does not
+      make the counter go back. Never lower than at the previous scrape (a worker reaped between
+      the two readings would otherwise be missed once).
+    - resident/virtual memory and open fds: summed over the supervisor and the live workers.
+    - start_time_seconds and max_fds: the supervisor's.
+    """
+
+    _SUMMED = ("process_cpu_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+               "process_open_fds")
+
+    def __init__(self, worker_pids: Callable[[], Iterable[int]], proc: str = "/proc") -> None:
+        self._pids = worker_pids
+        self._proc = proc
+        self._readers: dict[int | str, ProcessCollector] = {}
+        self._lock = threading.Lock()  # scrapes run in threads (health.metrics)
+        self._cpu = 0.0
+
+    def _reader(self, pid: int | str) -> ProcessCollector:
+        reader = self._readers.get(pid)
+        if reader is None:
+            reader = ProcessCollector(pid=lambda: pid, proc=self._proc, registry=None)
+        return reader
+
+    def collect(self) -> list[Metric]:
+        with self._lock:
+            return self._collect()
+
+    def _collect(self) -> list[Metric]:
+        # first the reaped workers, then the live ones: a worker reaped in between is missed (and
+        # the floor below hides that), never counted twice
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        readers = {pid: self._reader(pid) for pid in ("self", *self._pids())}
+        self._readers = readers  # the exited workers' readers go
+        own = {m.name: m for m in readers["self"].collect()}
+        if not own:
+            return []  # no /proc here (macOS): nothing, as prometheus-client's own collector
+        totals = {name: own[name].samples[0].value for name in self._SUMMED if name in own}
+        totals["process_cpu_seconds"] = totals.get("process_cpu_seconds", 0.0) + children.ru_utime + children.ru_stime
+        for pid, reader in readers.items():
+            if pid == "self":
+                continue
+            for metric in reader.collect():
+                if metric.name in totals:
+                    totals[metric.name] += metric.samples[0].value
+        self._cpu = max(self._cpu, totals["process_cpu_seconds"])
+        totals["process_cpu_seconds"] = self._cpu
+        out: list[Metric] = []
+        for name, metric in own.items():
+            kind = CounterMetricFamily if metric.type == "counter" else GaugeMetricFamily
+            out.append(kind(name, metric.documentation, value=totals.get(name, metric.samples[0].value)))
+        return out

@@ -21,6 +21,7 @@ from . import __version__
 from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
 from .logs import WRITER, get_logger
+from .metrics import process_collectors
 from .workers import StartupError
 
 
@@ -29,6 +30,8 @@ async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     state = ServerState()
     registry = CollectorRegistry()
+    for collector in process_collectors():
+        registry.register(collector)
     traffic = TrafficServer(config, standard_observers(config, registry), shutdown_timeout=config.shutdown_grace)
     admin = web.AppRunner(create_admin_app(state, registry), shutdown_timeout=1.0, access_log=None)
     await traffic.setup()

@@ -2,9 +2,10 @@
 
 The kernel spreads connections over the workers. Each worker is a whole proxy without the admin
 listener; the supervisor owns the admin listener: /metrics sums every worker (each worker keeps
-its metric values in a memory-mapped file in a private directory: proxy.metrics), /readyz is ready once every worker listens and turns 503 on SIGTERM. The
-supervisor forwards SIGTERM/SIGINT, waits for the workers to drain, restarts a worker that dies,
-and removes the metrics directory on exit.
+its metric values in a memory-mapped file in a private directory: proxy.metrics; the process_*
+series add up the supervisor and its workers), /readyz is ready once every worker listens and
+turns 503 on SIGTERM. The supervisor forwards SIGTERM/SIGINT, waits for the workers to drain,
+restarts a worker that dies, and removes the metrics directory on exit.
 
 Per worker, not shared: circuit breaker state and the retry budget. With N workers a breaker
 opens after `failure_threshold` consecutive failures seen by one worker, and the budget allows
@@ -28,7 +29,7 @@ from aiohttp import web
 from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
 from .logs import WRITER, get_logger
-from .metrics import DirectoryCollector
+from .metrics import DirectoryCollector, process_collectors
 
 _START_TIMEOUT = 30.0
 
@@ -103,6 +104,8 @@ class Supervisor:
         registry = CollectorRegistry()
         # read from the scrape's thread: tuple() copies the set in one step
         registry.register(DirectoryCollector(self.metrics_dir, lambda: tuple(self.live)))
+        for collector in process_collectors(lambda: tuple(self.live)):  # process_*: supervisor + workers
+            registry.register(collector)
         admin = web.AppRunner(create_admin_app(self.state, registry), shutdown_timeout=1.0, access_log=None)
         await admin.setup()
         loop = asyncio.get_running_loop()

@@ -53,7 +53,8 @@ async def test_counters_after_scripted_traffic(proxy, mock, capfd):
     assert value(proxy, "openai_proxy_errors_total", route=r, category="client") == 1
     assert value(proxy, "openai_proxy_errors_total", route=r, category="server") == 0
     assert value(proxy, "openai_proxy_retry_stops_total", route=r, reason="not_retryable") == 2
-    assert value(proxy, "openai_proxy_request_duration_seconds_count", route=r) == 3
+    assert value(proxy, "openai_proxy_request_duration_seconds_count", route=r, outcome="ok") == 1
+    assert value(proxy, "openai_proxy_request_duration_seconds_count", route=r, outcome="error") == 2
     assert value(proxy, "openai_proxy_in_flight_requests", route=r) == 0
     assert value(proxy, "openai_proxy_breaker_state", route=r) == 0
 
