@@ -8,8 +8,9 @@ after its headers is one failure, never a success followed by a failure. `admits
 without taking anything: whether an attempt at time `at` would pass (asked before reading a
 request body, and before waiting a backoff that could only end in a refusal).
 pybreaker's own async path needs tornado and admits every concurrent caller when half-open;
-here half-open admits exactly one probe at a time (Linkerd's probation), and the open period is
-timed on an injected monotonic clock.
+here half-open admits exactly one probe at a time (Linkerd's probation): that is the one addition
+to pybreaker's state machine. pybreaker counts, trips, and stamps `opened_at` in its storage; the
+storage below keeps that stamp on an injected monotonic clock (tests pass a fake one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pybreaker
 
@@ -45,8 +47,33 @@ def _fail() -> None:
     raise _Failure
 
 
+class _ClockStorage(pybreaker.CircuitMemoryStorage):
+    """pybreaker's memory storage, with `opened_at` kept on the proxy's monotonic clock: pybreaker
+    stamps it when it opens, and reads it back as the datetime its own checks expect."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(pybreaker.STATE_CLOSED)
+        self._clock = clock
+        self.opened_mono: float | None = None
+
+    @property  # type: ignore[override]
+    def opened_at(self) -> datetime | None:
+        if self.opened_mono is None:
+            return None
+        return datetime.now(UTC) - timedelta(seconds=self._clock() - self.opened_mono)
+
+    @opened_at.setter
+    def opened_at(self, value: datetime) -> None:
+        self.opened_mono = self._clock()
+
+    def open_for(self, at: float | None = None) -> float:
+        """Seconds since pybreaker last opened the breaker, now or at monotonic time `at`."""
+        now = self._clock() if at is None else at
+        return now - (self.opened_mono if self.opened_mono is not None else -math.inf)
+
+
 class Breaker:
-    __slots__ = ("name", "routes", "_cb", "_count", "_reset", "_clock", "_opened_at", "_probing", "_notify")
+    __slots__ = ("name", "routes", "_cb", "_storage", "_count", "_probing", "_notify")
 
     def __init__(self, name: str, routes: tuple[str, ...], *, failure_threshold: int, reset_timeout: float,
                  count: frozenset[Category], clock: Callable[[], float],
@@ -54,13 +81,12 @@ class Breaker:
         self.name = name
         self.routes = routes
         self._count = count
-        self._reset = reset_timeout
-        self._clock = clock
-        self._opened_at = 0.0
         self._probing = False
         self._notify = notify
+        self._storage = _ClockStorage(clock)
         self._cb = pybreaker.CircuitBreaker(fail_max=failure_threshold, reset_timeout=reset_timeout, name=name,
-                                            throw_new_error_on_trip=False, listeners=[_Listener(self)])
+                                            throw_new_error_on_trip=False, listeners=[_Listener(self)],
+                                            state_storage=self._storage)
 
     @property
     def state(self) -> State:
@@ -72,7 +98,7 @@ class Breaker:
         if state == pybreaker.STATE_CLOSED:
             return Permit.PASS
         if state == pybreaker.STATE_OPEN:
-            if self._clock() - self._opened_at < self._reset:
+            if self._storage.open_for() < self._cb.reset_timeout:
                 return None
             self._cb.half_open()
         if self._probing:
@@ -87,7 +113,7 @@ class Breaker:
         if state == pybreaker.STATE_CLOSED:
             return True
         if state == pybreaker.STATE_OPEN:
-            return at - self._opened_at >= self._reset
+            return self._storage.open_for(at) >= self._cb.reset_timeout
         return not self._probing
 
     def record(self, category: Category, permit: Permit | None = None) -> None:
@@ -116,11 +142,10 @@ class Breaker:
         """Whole seconds until the breaker may let a probe through (at least 1)."""
         if self._cb.current_state != pybreaker.STATE_OPEN:
             return 1
-        return max(1, math.ceil(self._reset - (self._clock() - self._opened_at)))
+        return max(1, math.ceil(self._cb.reset_timeout - self._storage.open_for()))
 
     def _changed(self, old: str | None, new: str) -> None:
         if new == pybreaker.STATE_OPEN:
-            self._opened_at = self._clock()
             self._probing = False
         self._notify(BreakerChange(self.name, self.routes, _STATES.get(old or "", State.CLOSED), _STATES[new]))
 

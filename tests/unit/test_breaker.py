@@ -135,3 +135,19 @@ def test_late_answers_do_not_decide_a_half_open_breaker(breaker, clock):
     assert breaker.state is State.HALF_OPEN  # only the probe decides
     breaker.record(Category.OK, probe)
     assert breaker.state is State.CLOSED
+
+
+def test_pybreakers_own_open_check_runs_on_the_injected_clock(breaker, clock):
+    import pybreaker
+
+    _fail(breaker, 3)
+    cb = breaker._cb  # pybreaker's object: its own timer check must agree with the adapter's
+    with pytest.raises(pybreaker.CircuitBreakerError):
+        cb.call(lambda: None)
+    clock.t += 4.9
+    with pytest.raises(pybreaker.CircuitBreakerError):
+        cb.call(lambda: None)
+    assert breaker.retry_after() == 1 and not breaker.admits(clock.t)
+    clock.t += 0.1
+    cb.call(lambda: None)  # pybreaker half-opens after reset_timeout on the fake clock; the call closes it
+    assert breaker.state is State.CLOSED
