@@ -15,16 +15,19 @@ from yarl import URL
 from .backoff import Random, parse_retry_after
 from .body import RequestBody
 from .breaker import Permit
-from .classify import (ERROR_BODY_LIMIT, Category, UnrelayableResponse, Verdict, classify_exception,
-                       classify_status)
+from .classify import (ERROR_BODY_LIMIT, UPSTREAM_ERRORS, Category, UnrelayableResponse, Verdict,
+                       classify_exception, classify_status)
 from .events import AttemptFinished, Emitter, RetryScheduled
 from .headers import Headers, unrelayable
 from .policy import RoutePolicy
-from .relay import SMALL_BODY, UPSTREAM_ERRORS
 from .retry import RetryAfter, StopReason, decide
 from .upstream import UpstreamClient, UpstreamResponse, send
 
 Sleep = Callable[[float], Awaitable[None]]
+
+# A known-length body up to this size is read whole before the commit: one write instead of a
+# chunk loop, and a failure while reading it can still be retried or answered.
+SMALL_BODY = 64 * 1024
 
 
 @dataclass(slots=True)

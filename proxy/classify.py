@@ -27,6 +27,9 @@ class Category(enum.StrEnum):
     CIRCUIT_OPEN = "circuit_open"
 
 
+# What an upstream call may raise: each is classified by classify_exception.
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
 # How much of an error body classification may read before deciding (OpenAI errors are < 1 KiB).
 ERROR_BODY_LIMIT = 64 * 1024
 

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 from .breaker import Breaker
 from .budget import RetryBudget
-from .upstream import client_timeout
 from .classify import Category
-from .config import Policy, ProxyConfig
+from .config import Policy, ProxyConfig, Timeouts
 from .events import BreakerChange
 from .retry import RetryPolicy
 from .routes import Route, RouteTable
@@ -35,10 +34,15 @@ class RoutePolicy:
         t, r = p.timeouts, p.retry
         return cls(
             name=name, retry=RetryPolicy.from_config(r), connect=float(t.connect), first_byte=float(t.first_byte),
-            idle=float(t.idle), total=float(t.total), replay_limit=int(r.replay_limit), timeout=client_timeout(t),
+            idle=float(t.idle), total=float(t.total), replay_limit=int(r.replay_limit), timeout=_first_timeout(t),
             budget=RetryBudget(r.budget.ratio, r.budget.min_per_second, float(r.budget.window), clock),
             breaker=breaker,
         )
+
+
+def _first_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
+    """sock_read starts as first_byte; the relay switches it to idle once the headers arrive."""
+    return aiohttp.ClientTimeout(total=float(t.total), sock_connect=float(t.connect), sock_read=float(t.first_byte))
 
 
 def compile_routes(config: ProxyConfig, clock: Callable[[], float],

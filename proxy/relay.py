@@ -18,17 +18,11 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_writer import _serialize_headers
 
-from .classify import Category, classify_exception
+from .classify import UPSTREAM_ERRORS, Category, classify_exception
 from .errors import ProxyError
 from .headers import HeaderList, Headers, is_event_stream, response_headers, without
 from .sse import StreamEnd, StreamWatcher, end_markers
 from .upstream import UpstreamResponse, switch_to_idle_timeout
-
-# A known-length body up to this size is read whole before the commit (attempt.py): one write
-# instead of a chunk loop, and a failure while reading it can still be retried or answered.
-SMALL_BODY = 64 * 1024
-
-UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 @dataclass(slots=True)
