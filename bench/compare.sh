@@ -2,7 +2,7 @@
 # Our proxy vs the bare aiohttp reference proxy (bench/ref_proxy.py), in one interleaved run.
 #
 #   bench/compare.sh                     # the standard comparison, ~2 min
-#   SMALL_BODY_AB=1 bench/compare.sh     # + our proxy with proxy.relay.SMALL_BODY=0 (A/B, see below)
+#   SMALL_BODY_AB=1 bench/compare.sh     # + our proxy with proxy.attempt.SMALL_BODY=0 (A/B, see below)
 #   AB=1 AB_ARGS='--log-level warning' AB_LABEL='no request log lines' bench/compare.sh   # any other A/B
 #
 # Not part of the test suite (pytest collects tests/ only); needs nginx, wrk, taskset, setsid, curl

@@ -1,9 +1,9 @@
 """Launch the proxy exactly as `python -m proxy ARGS...` does, with benchmark-only knobs.
 
-  BENCH_SMALL_BODY=N   set proxy.relay.SMALL_BODY = N bytes before starting (0: stream every
-                       response body chunk by chunk; unset: the shipped default, 64 KiB). Modules
-                       that copied the name (`from .relay import SMALL_BODY`, e.g. proxy.attempt)
-                       are patched too; the patched modules are printed on stderr.
+  BENCH_SMALL_BODY=N   set proxy.attempt.SMALL_BODY = N bytes before starting (0: stream every
+                       response body chunk by chunk; unset: the shipped default, 64 KiB). Any
+                       module that copied the name is patched too; the patched modules are
+                       printed on stderr.
   BENCH_CPROFILE=PATH  run under cProfile and write the stats to PATH when the proxy stops
                        (SIGTERM/SIGINT make it drain and return normally)
   BENCH_OBSERVERS=X    which production observers the traffic listener gets: all (unset: the
@@ -19,7 +19,7 @@ import os
 import sys
 
 import proxy.app
-import proxy.relay
+import proxy.attempt
 import proxy.server
 from proxy.__main__ import main  # imports every module of the hot path
 
@@ -50,7 +50,7 @@ if __name__ == "__main__":
                 patched.append(name)
         print(f"run_proxy: SMALL_BODY={small} set in {','.join(patched)}", file=sys.stderr, flush=True)
     else:
-        print(f"run_proxy: SMALL_BODY={proxy.relay.SMALL_BODY} (default)", file=sys.stderr, flush=True)
+        print(f"run_proxy: SMALL_BODY={proxy.attempt.SMALL_BODY} (default)", file=sys.stderr, flush=True)
     which = os.environ.get("BENCH_OBSERVERS") or "all"
     if which != "all":
         if which not in ("none", "metrics", "logs"):
