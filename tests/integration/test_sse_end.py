@@ -1,0 +1,52 @@
+"""Event streams are judged by whole SSE lines (issue 13, item 4), through real sockets: the
+upstream ends each stream cleanly, so only the proxy's end-marker check decides."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from proxy.testing import Raw
+
+from ..conftest import TEST_KEY
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def _chunk(content: str) -> bytes:
+    doc = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
+    return f"data: {json.dumps(doc)}\n\n".encode()
+
+
+def _response(*events: bytes) -> Raw:
+    """A clean chunked event stream: every event its own chunk, then the terminating chunk."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    return Raw(head + body, then="hold", seconds=30)
+
+
+async def _collect(proxy) -> list[str]:
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0, timeout=30) as client:
+        return [c.choices[0].delta.content async for c in await client.chat.completions.create(**CHAT)]
+
+
+@pytest.mark.parametrize("content", ["see data: [DONE] here", "event: response.completed", 'x\\ndata: [DONE]'])
+async def test_marker_text_inside_content_does_not_end_a_cut_stream(start_proxy, mock, recorder, content):
+    proxy = await start_proxy()
+    mock.script("/v1/chat/completions", _response(_chunk("a"), _chunk(content)))  # no real [DONE]
+    with pytest.raises(openai.APIError):
+        await _collect(proxy)
+    (req,) = recorder.requests
+    assert (req.status, req.aborted, req.category) == (200, True, "invalid_response")
+
+
+@pytest.mark.parametrize("done", [b"data: [DONE]\n\n", b"data:[DONE]\n\n", b"data:[DONE]\r\n\r\n"])
+async def test_done_with_or_without_the_space_completes(start_proxy, mock, recorder, done):
+    proxy = await start_proxy()
+    mock.script("/v1/chat/completions", _response(_chunk("a"), _chunk("b"), done))
+    assert await _collect(proxy) == ["a", "b"]
+    (req,) = recorder.requests
+    assert (req.status, req.aborted, req.category) == (200, False, "ok")
