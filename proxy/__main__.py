@@ -10,6 +10,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import get_args
 
 import yaml
 
@@ -23,14 +24,15 @@ PROG = "openai-resilience-proxy"
 # Read when no --config or PROXY_CONFIG is given and the file exists (the container image's mount point).
 SYSTEM_CONFIG = "/etc/openai-resilience-proxy/config.yaml"
 
-# (flag dest, environment variable, config key path)
-_SETTINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("host", "PROXY_HOST", ("listen", "host")),
-    ("port", "PROXY_PORT", ("listen", "port")),
-    ("admin_port", "PROXY_ADMIN_PORT", ("admin", "port")),
-    ("upstream", "PROXY_UPSTREAM_URL", ("upstream", "url")),
-    ("workers", "PROXY_WORKERS", ("workers",)),
-    ("log_level", "PROXY_LOG_LEVEL", ("log", "level")),
+# (flag, environment variable, config key path, help); each value is checked by the config's schema
+_SETTINGS: tuple[tuple[str, str | None, tuple[str, ...], str], ...] = (
+    ("--host", "PROXY_HOST", ("listen", "host"), "traffic listener address"),
+    ("--port", "PROXY_PORT", ("listen", "port"), "traffic listener port"),
+    ("--admin-port", "PROXY_ADMIN_PORT", ("admin", "port"), "admin listener port: /metrics /healthz /readyz"),
+    ("--upstream", "PROXY_UPSTREAM_URL", ("upstream", "url"), "upstream base URL"),
+    ("--workers", "PROXY_WORKERS", ("workers",), "worker processes"),
+    ("--log-level", "PROXY_LOG_LEVEL", ("log", "level"), ", ".join(get_args(cfg.LogLevel))),
+    ("--log-format", None, ("log", "format"), ", ".join(get_args(cfg.LogFormat))),
 )
 
 
@@ -38,39 +40,27 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="A resilience proxy for the OpenAI API.")
     p.add_argument("--config", metavar="PATH",
                    help=f"YAML config file (env PROXY_CONFIG; default {SYSTEM_CONFIG} when it exists)")
-    p.add_argument("--host", help="traffic listener address (env PROXY_HOST; default 127.0.0.1)")
-    p.add_argument("--port", help="traffic listener port (env PROXY_PORT; default 8080)")
-    p.add_argument("--admin-port", help="admin listener port: /metrics /healthz /readyz (env PROXY_ADMIN_PORT; default 9090)")
-    p.add_argument("--upstream", metavar="URL", help="upstream base URL (env PROXY_UPSTREAM_URL; default https://api.openai.com)")
-    p.add_argument("--workers", help="worker processes (env PROXY_WORKERS; default 1)")
-    p.add_argument("--log-level", help="debug, info, warning or error (env PROXY_LOG_LEVEL; default info)")
-    p.add_argument("--log-format", choices=("json", "console"), help="log format (default json)")
+    for flag, var, keys, text in _SETTINGS:  # the defaults shown are proxy/default.yaml's
+        env = f"env {var}; " if var else ""
+        metavar = "N" if flag == "--workers" else keys[-1].upper()
+        p.add_argument(flag, metavar=metavar, help=f"{text} ({env}default {cfg.builtin_value(keys)})")
     p.add_argument("--check-config", action="store_true", help="validate, print the effective config, exit")
     return p
 
 
 def load_config(args: argparse.Namespace, env: dict[str, str]) -> cfg.ProxyConfig:
-    overrides: list[cfg.Override] = []
-    for dest, var, keys in _SETTINGS:
-        if env.get(var):
-            overrides.append((var, keys, env[var]))
-    for dest, var, keys in _SETTINGS:
-        value = getattr(args, dest)
+    """Flags > environment > config file > proxy/default.yaml."""
+    overrides: list[cfg.Override] = [(var, keys, env[var]) for _, var, keys, _ in _SETTINGS if var and env.get(var)]
+    for flag, _, keys, _ in _SETTINGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
-            overrides.append(("--" + dest.replace("_", "-"), keys, value))
-    if args.log_format:
-        overrides.append(("--log-format", ("log", "format"), args.log_format))
+            overrides.append((flag, keys, value))
     path = args.config or env.get("PROXY_CONFIG") or (SYSTEM_CONFIG if os.path.isfile(SYSTEM_CONFIG) else None)
     return cfg.load(path, overrides)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    return _parser().parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         config = load_config(args, dict(os.environ))
     except cfg.ConfigError as exc:
@@ -83,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(config.log.level, config.log.format)
     try:
         if config.workers > 1:
-            run_loop(Supervisor(config, argv).run(asyncio.Event()))
+            run_loop(Supervisor(config).run(asyncio.Event()))
         else:
             run_loop(serve(config))
     except StartupError as exc:
@@ -95,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_loop(coro: object) -> None:
+    """uvloop when it is there (the supervisor, each worker and a single process all run this)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform

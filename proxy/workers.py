@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
 from aiohttp import web
@@ -45,14 +43,15 @@ def _pick_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def worker_main(argv: Sequence[str], port: int, conn: Connection, metrics_dir: str) -> None:
-    """A worker process (multiprocessing spawn target): the proxy without the admin listener."""
-    from .__main__ import load_config, parse_args, run_loop  # noqa: PLC0415 - spawned fresh, import here
+def worker_main(config: ProxyConfig, port: int, conn: Connection, metrics_dir: str) -> None:
+    """A worker process (multiprocessing spawn target): the proxy without the admin listener.
+
+    It gets the supervisor's config object (pickled by spawn), never the command line or the
+    environment again: every worker runs the config that was checked, even if the file changed."""
+    from .__main__ import run_loop  # noqa: PLC0415 - spawned fresh, import here
     from .logs import configure
     from .server import serve_traffic_only
 
-    args = parse_args(argv)
-    config = load_config(args, dict(os.environ))
     configure(config.log.level, config.log.format)
     try:
         run_loop(serve_traffic_only(config, port, conn, metrics_dir))
@@ -61,9 +60,8 @@ def worker_main(argv: Sequence[str], port: int, conn: Connection, metrics_dir: s
 
 
 class Supervisor:
-    def __init__(self, config: ProxyConfig, argv: Sequence[str]) -> None:
+    def __init__(self, config: ProxyConfig) -> None:
         self.config = config
-        self.argv = list(argv)
         self.log = get_logger()
         self.state = ServerState()
         self.ctx = multiprocessing.get_context("spawn")
@@ -75,7 +73,7 @@ class Supervisor:
 
     def _spawn(self, slot: int) -> tuple[multiprocessing.process.BaseProcess, Connection]:
         parent, child = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=worker_main, args=(self.argv, self.port, child, self.metrics_dir),
+        proc = self.ctx.Process(target=worker_main, args=(self.config, self.port, child, self.metrics_dir),
                                 name=f"worker-{slot}", daemon=False)
         proc.start()
         child.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import spawn_proxy
+from tests.conftest import spawn_proxy, write_config
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -59,11 +63,32 @@ async def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path: Path,
     (("--config", "/nonexistent/proxy.yaml"), {}, "/nonexistent/proxy.yaml: file not found"),
     ((), {"PROXY_PORT": "http"}, "PROXY_PORT: expected a port number from 0 to 65535, got 'http'"),
     (("--upstream", "localhost:8000"), {}, "--upstream: expected an http:// or https:// base URL"),
-    (("--workers", "0"), {}, "--workers: expected a whole number of at least 1, got '0'"),
+    (("--workers", "0"), {}, "--workers: expected an integer >= 1, got '0'"),
+    (("--log-format", "xml"), {}, "--log-format: expected one of json, console, got 'xml'"),
+    ((), {"PROXY_LOG_LEVEL": "loud"}, "PROXY_LOG_LEVEL: expected one of debug, info, warning, error, got 'loud'"),
 ])
 async def test_bad_flags_and_environment_exit_2(args, env, message):
     code, out, err = await _run(*args, env=env)
     assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+async def test_workers_run_the_checked_config_and_never_parse_it_again(tmp_path: Path, mock, proxy_process):
+    """Workers get the supervisor's parsed config: one restarted after the file went bad still
+    runs what was checked at startup (a worker that read the file again could not start)."""
+    path = write_config(tmp_path, mock.url)
+    p = await proxy_process("--port", "0", "--admin-port", "0", "--workers", "2", env={"PROXY_CONFIG": str(path)})
+    pids = next(line for line in p.lines if line["event"] == "startup")["pids"]
+    path.write_text("listen: {port: nope}\n")
+    os.kill(pids[0], signal.SIGKILL)
+    await p.wait_event("worker_started", where=lambda line: line["pid"] not in pids)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        for _ in range(6):  # new connections: the kernel spreads them over both workers
+            async with s.post(p.traffic + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+    p.signal()
+    code, out, err = await p.finish()
+    assert code == 0 and "Traceback" not in err, err
 
 
 async def test_port_in_use_is_a_clear_startup_error(proxy_process):

@@ -1,7 +1,10 @@
 """Config loading: defaults, merging, and one exact message per kind of bad input."""
 
+import tomllib
+from importlib import resources
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from proxy import config as cfg
@@ -58,9 +61,24 @@ def test_own_routes_replace_the_builtin_list(tmp_path):
     assert _load(tmp_path, "routes: []\n").routes.routes == ()
 
 
-def test_shipped_default_yaml_equals_builtin_defaults():
-    shipped = cfg.load(str(ROOT / "config" / "default.yaml"))
-    assert cfg.effective(shipped) == cfg.effective(cfg.load(None))
+def test_default_yaml_is_the_one_source_of_builtin_values():
+    """config/default.yaml (where the README points) is the file the package ships and loads, and
+    no config class writes a built-in value of its own: a section made in Python takes the file's."""
+    assert (ROOT / "config" / "default.yaml").resolve() == ROOT / "proxy" / "default.yaml"
+    assert (resources.files("proxy") / "default.yaml").is_file()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "default.yaml" in pyproject["tool"]["setuptools"]["package-data"]["proxy"]
+    for cls in (cfg.Listen, cfg.Admin, cfg.Upstream, cfg.Policy, cfg.Timeouts, cfg.Retry, cfg.Backoff,
+                cfg.Budget, cfg.Breaker, cfg.Log):
+        assert all(f.default in (cfg.BUILTIN, None) for f in msgspec.structs.fields(cls)), cls
+    builtin = cfg.load(None)
+    assert cfg.Retry() == builtin.defaults.retry and cfg.Listen(port=1).host == builtin.listen.host
+    assert cfg.effective(cfg.load(str(ROOT / "config" / "default.yaml"))) == cfg.effective(builtin)
+
+
+def test_an_empty_section_keeps_the_builtin_values(tmp_path):
+    c = _load(tmp_path, "listen:\ndefaults:\nroutes:\n")
+    assert cfg.effective(c) == cfg.effective(cfg.load(None))
 
 
 @pytest.mark.parametrize("example", sorted((ROOT / "config" / "examples").glob("*.yaml")), ids=lambda p: p.name)
@@ -117,8 +135,8 @@ def test_overrides_beat_the_file(tmp_path):
      "config.yaml: defaults.timeouts.connect: expected a duration above zero, got '0s'"),
     ("defaults:\n  retry: {replay_limit: lots}\n",
      "config.yaml: defaults.retry.replay_limit: expected a size like \"64KiB\" or \"1MiB\", got 'lots'"),
-    ("listen: {port: 99999}\n", "config.yaml: listen.port: expected an integer <= 65535, got 99999"),
-    ("listen: {port: eighty}\n", "config.yaml: listen.port: expected an integer, got 'eighty'"),
+    ("listen: {port: 99999}\n", "config.yaml: listen.port: expected a port number from 0 to 65535, got 99999"),
+    ("listen: {port: eighty}\n", "config.yaml: listen.port: expected a port number from 0 to 65535, got 'eighty'"),
     ("upstream: {url: api.openai.com}\n",
      "config.yaml: upstream.url: expected an http:// or https:// base URL without query, got 'api.openai.com'"),
     ("lisen: {port: 1}\n", "config.yaml: unknown key 'lisen'"),
@@ -169,7 +187,8 @@ def test_missing_file(tmp_path):
     ("PROXY_UPSTREAM_URL", ("upstream", "url"), "ftp://x",
      "PROXY_UPSTREAM_URL: expected an http:// or https:// base URL without query, got 'ftp://x'"),
     ("PROXY_LOG_LEVEL", ("log", "level"), "loud", "PROXY_LOG_LEVEL: expected one of debug, info, warning, error, got 'loud'"),
-    ("PROXY_WORKERS", ("workers",), "0", "PROXY_WORKERS: expected a whole number of at least 1, got '0'"),
+    ("PROXY_WORKERS", ("workers",), "0", "PROXY_WORKERS: expected an integer >= 1, got '0'"),
+    ("--log-format", ("log", "format"), "xml", "--log-format: expected one of json, console, got 'xml'"),
 ])
 def test_bad_override_names_its_own_source(label, keys, value, message):
     with pytest.raises(cfg.ConfigError) as info:
