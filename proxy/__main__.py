@@ -17,8 +17,8 @@ import yaml
 from . import config as cfg
 from .logs import configure
 from .masking import mask, mask_value
-from .server import serve
-from .workers import StartupError, Supervisor
+from .server import StartupError, run_loop, serve
+from .workers import Supervisor
 
 PROG = "openai-resilience-proxy"
 # Read when no --config or PROXY_CONFIG is given and the file exists (the container image's mount point).
@@ -82,17 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-
-
-def run_loop(coro: object) -> None:
-    """uvloop when it is there (the supervisor, each worker and a single process all run this)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        asyncio.run(coro)  # type: ignore[arg-type]
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,21 @@ from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
 from .logs import WRITER, get_logger
 from .metrics import process_collectors
-from .workers import StartupError
+
+
+class StartupError(Exception):
+    """A listener could not be bound; the message is for a person."""
+
+
+def run_loop(coro: object) -> None:
+    """uvloop when it is there (the supervisor, each worker and a single process all run this)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        asyncio.run(coro)  # type: ignore[arg-type]
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)  # type: ignore[arg-type]
 
 
 async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:

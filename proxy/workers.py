@@ -26,14 +26,11 @@ from aiohttp import web
 
 from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
-from .logs import WRITER, get_logger
+from .logs import WRITER, configure, get_logger
 from .metrics import DirectoryCollector, process_collectors
+from .server import StartupError, run_loop, serve_traffic_only
 
 _START_TIMEOUT = 30.0
-
-
-class StartupError(Exception):
-    """A listener could not be bound; the message is for a person."""
 
 
 def _pick_port(host: str) -> int:
@@ -48,10 +45,6 @@ def worker_main(config: ProxyConfig, port: int, conn: Connection, metrics_dir: s
 
     It gets the supervisor's config object (pickled by spawn), never the command line or the
     environment again: every worker runs the config that was checked, even if the file changed."""
-    from .__main__ import run_loop  # noqa: PLC0415 - spawned fresh, import here
-    from .logs import configure
-    from .server import serve_traffic_only
-
     configure(config.log.level, config.log.format)
     try:
         run_loop(serve_traffic_only(config, port, conn, metrics_dir))
