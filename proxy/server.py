@@ -21,7 +21,7 @@ from . import __version__
 from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
 from .logs import WRITER, get_logger
-from .metrics import process_collectors
+from .process_metrics import process_collectors
 
 
 class StartupError(Exception):

@@ -13,13 +13,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import proxy
 from proxy import config as cfg
-from proxy import metrics
+from proxy import metrics, process_metrics
 from proxy.app import duration_buckets
 from proxy.classify import Category
 from proxy.events import AttemptFinished, BreakerChange, BreakerState, RequestFinished, RequestStarted, RetryScheduled
 from proxy.metrics import (DEFAULT_BUCKETS, FAMILIES, LADDER, DirectoryCollector, MetricsObserver, MetricsStore,
-                           ProcessTreeCollector, StoreCollector, bucket_bounds, combine, families, process_collectors,
-                           read_snapshot)
+                           StoreCollector, bucket_bounds, combine, families, read_snapshot)
+from proxy.process_metrics import ProcessTreeCollector, process_collectors
+from prometheus_client import ProcessCollector
 
 ROUTES = ["chat", "files", "default"]
 DURATION = "openai_proxy_request_duration_seconds"
@@ -344,13 +345,13 @@ class _Usage:
 
 
 def test_supervisor_process_metrics_add_up_the_workers(tmp_path, monkeypatch):
-    ticks, page = os.sysconf("SC_CLK_TCK"), metrics.ProcessCollector(registry=None)._pagesize
+    ticks, page = os.sysconf("SC_CLK_TCK"), ProcessCollector(registry=None)._pagesize
     (tmp_path / "stat").write_text("cpu 1 2 3\nbtime 1700000000\n")
     _fake_proc(tmp_path, "self", utime_ticks=ticks * 1, rss_pages=10, fds=3)
     _fake_proc(tmp_path, "11", utime_ticks=ticks * 5, rss_pages=100, fds=7)
     _fake_proc(tmp_path, "12", utime_ticks=ticks * 6, rss_pages=200, fds=8)
     reaped = _Usage(2.0)  # workers that exited before: their CPU stays counted
-    monkeypatch.setattr(metrics.resource, "getrusage", lambda who: reaped)
+    monkeypatch.setattr(process_metrics.resource, "getrusage", lambda who: reaped)
     live = [11, 12]
     tree = ProcessTreeCollector(lambda: tuple(live), proc=str(tmp_path))
 
