@@ -7,6 +7,11 @@ rate limits) can only be tested against an upstream that misbehaves on cue.  Thi
 * scriptable per request: ``mock.script("/v1/chat/completions", Reset(), Delay(0.05))``, or per
   client request (retries included) with ``mock.script_request(key, ...)`` and an
   ``x-mock-script: key`` request header, so concurrent requests each get their own faults;
+* scriptable by the client itself, from any language and through a proxy: an
+  ``x-mock-faults: 500, 500, ok`` header (grammar: ``FAULT_GRAMMAR``) with ``x-mock-key: <id>``
+  makes the attempts carrying that key see 500, 500, then the normal answer;
+* runnable on its own: ``python -m proxy.testing --port 8081`` (``main``) prints its URL and
+  serves until SIGTERM/SIGINT, for testing applications that are not written in Python;
 * observable: every request is recorded in ``mock.received`` as soon as its headers arrive,
   with events telling whether the mock finished its answer or was cancelled by the peer;
 * streaming all the way: request and response bodies of any size are hashed or generated
@@ -18,6 +23,7 @@ Tests synchronise on events (``wait_for_requests``, ``gate``, ``Received.finishe
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import collections
@@ -26,10 +32,13 @@ import gzip
 import hashlib
 import itertools
 import json
+import math
 import re
+import signal
 import struct
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -37,10 +46,14 @@ from aiohttp import HttpVersion11, MultipartReader, StreamReader, web
 from multidict import CIMultiDict
 
 __all__ = [
+    "FAULTS_HEADER",
+    "FAULT_GRAMMAR",
+    "KEY_HEADER",
     "MODELS_BODY",
     "SCRIPT_HEADER",
     "CutBody",
     "Delay",
+    "FaultSyntaxError",
     "MockUpstream",
     "OverLength",
     "Raw",
@@ -56,8 +69,10 @@ __all__ = [
     "WaitGate",
     "error",
     "insufficient_quota",
+    "main",
     "mock_bytes",
     "mock_bytes_sha256",
+    "parse_faults",
     "rate_limited",
     "request_too_large",
 ]
@@ -281,6 +296,116 @@ def request_too_large() -> Respond:
     return error(429, message, "tokens", "rate_limit_exceeded")
 
 
+# --------------------------------------------------------------------------- faults over HTTP headers
+
+FAULTS_HEADER = "x-mock-faults"
+"""``x-mock-faults: 500, 500, ok``: faults scripted by the client itself, from any language."""
+
+KEY_HEADER = "x-mock-key"
+"""Requests with the same ``x-mock-key`` (a client request and its retries) consume one fault list in order."""
+
+MAX_FAULT_STEPS = 100  # steps in one header; a longer list is a 400
+MAX_KEY_LENGTH = 256  # characters of an x-mock-key; with fault_keys, this bounds the mock's memory
+_COUNT = re.compile(r"[0-9]{1,9}")  # events, bytes: plain digits, no sign, bounded so int() is cheap
+_SECONDS = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")  # no sign, exponent, inf or nan
+FAULT_GRAMMAR = ("ok | <status 400-599> | quota | too_large | rate_limit[:<seconds>] | reset | delay:<seconds> "
+                 "| cut:<events> | cut_body:<bytes> | sse_error:<events>")
+"""The tokens of ``x-mock-faults``, comma-separated; quoted in the mock's 400 for a malformed header."""
+
+
+class FaultSyntaxError(ValueError):
+    """A malformed ``x-mock-faults`` header; ``token`` is the offending step, named in the mock's 400."""
+
+    def __init__(self, token: str, reason: str) -> None:
+        self.token = token
+        shown = token if len(token) <= 60 else token[:57] + "..."
+        super().__init__(f"{FAULTS_HEADER}: bad token {shown!r}: {reason}; expected a comma-separated list of "
+                         f"{FAULT_GRAMMAR}")
+
+
+# Status tokens other than 429 (rate_limited) and 5xx (error()'s server_error): OpenAI's own shapes.
+_STATUS_ERRORS: dict[int, tuple[str, str, str | None]] = {
+    400: ("Invalid request (a fault injected by the mock upstream).", "invalid_request_error", None),
+    401: ("Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
+          "invalid_request_error", "invalid_api_key"),
+    403: ("Country, region, or territory not supported", "request_forbidden",
+          "unsupported_country_region_territory"),
+    404: ("The model `gpt-mock` does not exist or you do not have access to it.", "invalid_request_error",
+          "model_not_found"),
+}
+
+
+def _status_fault(token: str, status: int) -> Respond:
+    """A status token: the error an SDK would get from OpenAI with that status."""
+    if not 400 <= status <= 599:
+        raise FaultSyntaxError(token, "a status must be 400-599 (use ok for the normal answer)")
+    if status == 429:
+        return rate_limited()
+    if status >= 500:
+        return error(status)
+    message, kind, code = _STATUS_ERRORS.get(
+        status, (f"Request failed with status {status} (a fault injected by the mock upstream).",
+                 "invalid_request_error", None))
+    return error(status, message, kind, code)
+
+
+def _rate_limit_fault(seconds: str | None) -> Respond:
+    """``rate_limit:0.5``: both hints OpenAI sends, ``retry-after-ms`` exact, ``retry-after`` rounded up."""
+    if seconds is None:
+        return rate_limited()
+    value = float(seconds)
+    return rate_limited(retry_after=str(math.ceil(value)), retry_after_ms=str(round(value * 1000)))
+
+
+# word -> (argument: None, "seconds" or a count's unit; argument optional?; builder)
+_FAULT_WORDS: dict[str, tuple[str | None, bool, Callable[[str | None], Step | None]]] = {
+    "ok": (None, False, lambda _: None),
+    "reset": (None, False, lambda _: Reset()),
+    "quota": (None, False, lambda _: insufficient_quota()),
+    "too_large": (None, False, lambda _: request_too_large()),
+    "rate_limit": ("seconds", True, _rate_limit_fault),
+    "delay": ("seconds", False, lambda arg: Delay(float(cast(str, arg)))),
+    "cut": ("events", False, lambda arg: SSECut(int(cast(str, arg)))),
+    "cut_body": ("bytes", False, lambda arg: CutBody(int(cast(str, arg)))),
+    "sse_error": ("events", False, lambda arg: SSEErrorFrame(int(cast(str, arg)))),
+}
+
+
+def _fault(token: str) -> Step | None:
+    """One token of the grammar as the existing step it stands for (None: the normal answer)."""
+    word, colon, arg = token.partition(":")
+    word = word.lower()
+    if word[:1].isdigit():
+        if colon or not re.fullmatch(r"[0-9]{3}", word):
+            raise FaultSyntaxError(token, "a status is three digits, like 503")
+        return _status_fault(token, int(word))
+    if word not in _FAULT_WORDS:
+        raise FaultSyntaxError(token, "unknown fault" if token else "an empty step (an empty header, or a stray comma)")
+    unit, optional, build = _FAULT_WORDS[word]
+    if not colon:
+        if unit is not None and not optional:
+            raise FaultSyntaxError(token, f"{word} needs an argument: {word}:<{unit}>")
+        return build(None)
+    if unit is None:
+        raise FaultSyntaxError(token, f"{word} takes no argument")
+    if not (_SECONDS if unit == "seconds" else _COUNT).fullmatch(arg):
+        kind = "a number of seconds like 2 or 0.5" if unit == "seconds" else "a whole number"
+        raise FaultSyntaxError(token, f"{word}:<{unit}> takes {kind}")
+    return build(arg)
+
+
+def parse_faults(value: str) -> list[Step | None]:
+    """Parse an ``x-mock-faults`` value strictly: one step (None = the normal answer) per comma-separated token.
+
+    Raises FaultSyntaxError naming the first bad token, so a typo is a clear 400, never a silent ``ok``.
+    """
+    tokens = [token.strip() for token in value.split(",")]
+    if len(tokens) > MAX_FAULT_STEPS:
+        raise FaultSyntaxError(tokens[MAX_FAULT_STEPS],
+                               f"step {MAX_FAULT_STEPS + 1} of {len(tokens)}: at most {MAX_FAULT_STEPS} in one header")
+    return [_fault(token) for token in tokens]
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -425,10 +550,13 @@ class MockUpstream:
     """A fake api.openai.com on localhost; see the module docstring."""
 
     def __init__(self, *, sse_events: int = 5, sse_interval: float = 0.0, keepalive_timeout: float = 75.0,
-                 keep_received: bool = True) -> None:
+                 keep_received: bool = True, fault_keys: int = 10_000) -> None:
         """``keepalive_timeout``: idle keep-alive connections are closed after this many seconds (a
         short one lets a test see a client's pooled connections go away).  ``keep_received=False``
-        records nothing in ``received`` (a long soak would hold every request); counts still work."""
+        records nothing in ``received`` (a long soak would hold every request); counts still work.
+        ``fault_keys``: the most ``x-mock-key`` positions remembered; the least recently used goes first."""
+        if fault_keys < 1:
+            raise ValueError(f"fault_keys must be at least 1, got {fault_keys}")
         self.sse_events = sse_events
         self.sse_interval = sse_interval
         self.keepalive_timeout = keepalive_timeout
@@ -438,6 +566,9 @@ class MockUpstream:
         self.active = 0  # requests being handled right now
         self.peak_active = 0  # the most handled at once since start (or the last reset_peak())
         self._keyed: dict[str, collections.deque[Step]] = {}
+        self.fault_keys = fault_keys
+        # x-mock-key -> (digest of its x-mock-faults value, steps already taken); bounded, LRU order
+        self._fault_positions: collections.OrderedDict[str, tuple[bytes, int]] = collections.OrderedDict()
         self.url = ""
         self.port = 0
         self._scripts: dict[tuple[str, str | None], collections.deque[Step]] = {}
@@ -464,7 +595,7 @@ class MockUpstream:
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
         return self.url
 
     async def close(self) -> None:
@@ -543,11 +674,45 @@ class MockUpstream:
                 return queue.popleft()
         return None
 
+    def _header_step(self, headers: Mapping[str, str]) -> tuple[bool, Step | None]:
+        """The step the request's ``x-mock-faults`` header gives it: (False, None) when it gives none.
+
+        Without ``x-mock-key`` the first step applies; with one, each attempt takes the next step,
+        and once the list is used up the request falls through to the in-process scripts.  A
+        malformed header gives a 400 naming the bad token.  The same key with a different list starts
+        that list afresh.
+        """
+        value = headers.get(FAULTS_HEADER)
+        if value is None:
+            return False, None
+        try:
+            steps = parse_faults(value)
+        except FaultSyntaxError as exc:
+            return True, error(400, str(exc), "invalid_request_error", "invalid_mock_faults")
+        key = headers.get(KEY_HEADER)
+        if key is None:
+            return True, steps[0]
+        if len(key) > MAX_KEY_LENGTH:
+            message = f"{KEY_HEADER}: at most {MAX_KEY_LENGTH} characters, got {len(key)}"
+            return True, error(400, message, "invalid_request_error", "invalid_mock_key")
+        digest = hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+        seen, taken = self._fault_positions.pop(key, (digest, 0))
+        if seen != digest:
+            taken = 0
+        self._fault_positions[key] = (digest, min(taken + 1, len(steps)))  # re-inserted last: the most recently used
+        while len(self._fault_positions) > self.fault_keys:
+            self._fault_positions.popitem(last=False)
+        if taken >= len(steps):
+            return False, None
+        return True, steps[taken]
+
     # ----------------------------------------------------------------- request handling
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path, _, query = request.raw_path.partition("?")
-        step = self._next_step(request.method, path, request.headers.get(SCRIPT_HEADER))
+        from_header, step = self._header_step(request.headers)
+        if not from_header:
+            step = self._next_step(request.method, path, request.headers.get(SCRIPT_HEADER))
         rec = Received(request.method, path, query, CIMultiDict(request.headers), step=step)
         self.arrivals += 1
         if self.keep_received:
@@ -967,3 +1132,79 @@ class MockUpstream:
             "headers": [[name, value] for name, value in ex.request.headers.items()],
             "body_size": rec.body_size, "body_sha256": rec.body_sha256,
         })
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _non_negative(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` that is 0 or more (a clear usage error otherwise)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not 0 <= value < math.inf:
+            raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+        return value
+    return parse
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 meaning any free one."""
+    port = int(_non_negative(int)(text))
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {text!r}")
+    return port
+
+
+def _arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openai-resilience-proxy-mock",
+        description="A fake OpenAI API that injects the faults each request asks for in its "
+                    f"{FAULTS_HEADER} header ({FAULT_GRAMMAR}); requests sharing an {KEY_HEADER} "
+                    "take the steps in turn. Prints one line with its URL; stops on SIGTERM or SIGINT.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=8081, help="port to listen on; 0 = any free port "
+                                                                 "(default 8081)")
+    parser.add_argument("--sse-events", type=_non_negative(int), default=5,
+                        help="content events in each streamed answer (default 5)")
+    parser.add_argument("--sse-interval", type=_non_negative(float), default=0.0,
+                        help="seconds between the events of a stream (default 0)")
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; nothing is recorded (``keep_received=False``): memory stays flat."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C still ends asyncio.run
+            loop.add_signal_handler(sig, stop.set)
+    mock = MockUpstream(sse_events=args.sse_events, sse_interval=args.sse_interval, keep_received=False)
+    try:
+        url = await mock.start(args.host, args.port)
+    except OSError as exc:
+        await mock.close()
+        print(f"openai-resilience-proxy-mock: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    print(f"mock upstream listening on {url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await mock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m proxy.testing`` / ``openai-resilience-proxy-mock``: the mock for tests in any language."""
+    args = _arguments().parse_args(argv)
+    try:
+        return asyncio.run(_serve(args))
+    except KeyboardInterrupt:  # SIGINT where no signal handler could be installed
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
