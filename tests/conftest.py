@@ -55,6 +55,22 @@ def write_config(tmp_path: Path, upstream: str, extra: dict[str, Any] | None = N
     return path
 
 
+class FakeClock:
+    """A monotonic clock that moves only when a test sets `t`: breakers, budgets and deadlines
+    run on it, so an open period or a window passes without waiting."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
 @pytest.fixture
 async def mock() -> AsyncIterator[MockUpstream]:
     async with MockUpstream() as m:

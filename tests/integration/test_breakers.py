@@ -19,19 +19,6 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 PATH = "/v1/chat/completions"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 def config(threshold: int = 3, attempts: int = 1, **extra):
     doc = {"defaults": {"retry": {"max_attempts": attempts},
                         "breaker": {"failure_threshold": threshold, "reset_timeout": "30s"}}}

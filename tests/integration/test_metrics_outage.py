@@ -19,19 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 import proxy
 from proxy.testing import WaitGate, error
 from tests.conftest import TEST_KEY, write_config
+from ..conftest import FakeClock
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 PATH = "/v1/chat/completions"
 ROUTE = "chat_completions"
 DURATION = "openai_proxy_request_duration_seconds"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

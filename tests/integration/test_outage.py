@@ -16,18 +16,11 @@ from proxy.events import RequestFinished, RequestStarted
 from proxy.testing import HoldEnd, MockUpstream, Raw, Reset, SSECut, error
 
 from ..conftest import TEST_KEY
+from ..conftest import FakeClock
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 PATH = "/v1/chat/completions"
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class Sleeps:

@@ -7,18 +7,6 @@ from proxy.classify import Category
 COUNT = frozenset({Category.CONNECT, Category.NETWORK, Category.TIMEOUT, Category.SERVER, Category.INVALID_RESPONSE})
 
 
-class Clock:
-    t = 100.0
-
-    def __call__(self):
-        return self.t
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
 @pytest.fixture
 def changes():
     return []

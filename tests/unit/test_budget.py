@@ -1,14 +1,7 @@
 import pytest
 
 from proxy.budget import RetryBudget
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
+from ..conftest import FakeClock as Clock
 
 
 def test_floor_allows_min_per_second_times_window_without_requests():
