@@ -104,13 +104,23 @@ class UnrelayableResponse(Exception):
         self.why = why  # a fixed phrase (headers.unrelayable), never the response's own bytes
 
 
+class UpstreamUnreachable(aiohttp.ClientConnectionError):
+    """No connection to the upstream (refused, DNS, TLS): `connect`, the request never left. Raised
+    by proxy.upstream.Pool, which cannot build aiohttp's ClientConnectorError (its key type is private)."""
+
+    def __init__(self, hostport: str, why: str, os_error: BaseException) -> None:
+        super().__init__(f"Cannot connect to {hostport}: {why}")
+        self.why = why  # a fixed phrase for failure_detail
+        self.os_error = os_error
+
+
 def classify_exception(exc: BaseException) -> Category:
     """Map an aiohttp client exception to a category, most specific class first.
 
     aiohttp's ConnectionTimeoutError is a ServerTimeoutError, not a ClientConnectorError, so the
     connect checks come before the timeout checks; ServerTimeoutError is also asyncio.TimeoutError.
     """
-    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, UpstreamUnreachable)):
         return Category.CONNECT
     if isinstance(exc, asyncio.TimeoutError):  # SocketTimeoutError (first byte / idle) and total
         return Category.TIMEOUT
@@ -125,7 +135,7 @@ def classify_exception(exc: BaseException) -> Category:
 
 def failure_detail(exc: BaseException) -> str:
     """A short, secret-free phrase for a person: never str(exc), which may carry URLs or headers."""
-    if isinstance(exc, UnrelayableResponse):
+    if isinstance(exc, (UnrelayableResponse, UpstreamUnreachable)):
         return exc.why
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return "its host name could not be resolved"

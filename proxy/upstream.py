@@ -1,25 +1,39 @@
 """The upstream side: one pooled client per process and one attempt at a time.
 
-Two interchangeable clients (`upstream.client`): `fast` (proxy.fastclient: keep-alive HTTP/1.1
-on aiohttp's protocol and C parser, ~40 % of ClientSession's CPU per request) and `aiohttp`
-(ClientSession). No retry logic lives here. Neither decompresses (bodies pass byte-identical),
-keeps cookies (aiohttp's default jar would replay one client's Set-Cookie on another client's
-request), follows redirects, or adds User-Agent/Accept/Accept-Encoding/Content-Type headers.
+Two interchangeable clients (`upstream.client`): `fast`, the Pool here of proxy.client connections
+(keep-alive HTTP/1.1 on an asyncio Protocol and httptools' llhttp parser, public APIs only), and
+`aiohttp` (ClientSession, the fallback). No retry logic lives here. Neither decompresses (bodies pass
+byte-identical), keeps cookies (aiohttp's default jar would replay one client's Set-Cookie on another
+client's request), follows redirects, or adds User-Agent/Accept/Accept-Encoding/Content-Type headers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import socket
+import ssl
 from collections.abc import AsyncIterator
+from math import ceil
+from typing import Any
 
+import aiohappyeyeballs
 import aiohttp
 from yarl import URL
 
 from .body import RequestBody
+from .classify import UpstreamUnreachable
+from .client import EMPTY, Body, Connection, Response, request_head
 from .config import ProxyConfig, Timeouts
-from .fastclient import FastClient, FastResponse
 from .headers import Headers
 
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_SMALL_WRITE = 2**16  # a bytes body up to this goes out in the head's write
+_DNS_TTL = 10.0  # seconds, as aiohttp's TCPConnector
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+_UNREACHABLE = ((ssl.SSLCertVerificationError, "its TLS certificate could not be verified"),
+                (ssl.SSLError, "the TLS handshake failed"), (socket.gaierror, "its host name could not be resolved"),
+                (ConnectionRefusedError, "the connection was refused"), (OSError, "the connection could not be established"))
 
 
 def create_session(config: ProxyConfig) -> aiohttp.ClientSession:
@@ -38,8 +52,185 @@ def create_session(config: ProxyConfig) -> aiohttp.ClientSession:
     )
 
 
+class Pool:
+    """Keep-alive HTTP/1.1 connections (proxy.client) to one upstream: `upstream.client: fast`.
+    A request holds one of `max_connections` slots until its response ends, so there are never
+    more connections than that."""
+
+    def __init__(self, base_url: str, *, max_connections: int, keepalive_timeout: float = 60.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        url = URL(base_url)
+        if url.scheme not in ("http", "https") or not url.raw_host or max_connections < 1:
+            raise ValueError("base_url must be http(s)://host[:port] and max_connections at least 1")
+        self.loop = asyncio.get_running_loop()
+        self._host, self._port = url.raw_host, url.port or 0
+        self._hostport = f"{url.host_subcomponent}:{self._port}"  # for messages: no path
+        self._host_line = f"Host: {url.host_port_subcomponent or self._host}"
+        origin = URL.build(scheme=url.scheme, host=self._host, port=url.explicit_port, encoded=True)
+        self.info = aiohttp.RequestInfo(origin, "GET", EMPTY, origin)  # for ClientResponseError
+        self._ssl = ssl_context
+        if url.scheme == "https" and ssl_context is None:
+            self._ssl = ssl.create_default_context()
+            self._ssl.set_alpn_protocols(["http/1.1"])
+        self._max, self._keepalive = max_connections, keepalive_timeout
+        self._slots = asyncio.Semaphore(max_connections)
+        self._queued = 0  # requests waiting for a slot
+        self._idle: collections.deque[Connection] = collections.deque()  # right end: most recently used
+        self._conns: set[Connection] = set()  # every open connection, idle or not
+        self._cleanup_handle: asyncio.TimerHandle | None = None
+        self._addrs: list[Any] = []
+        self._addrs_until = 0.0
+        self._closed = False
+        self.connections_made = 0
+
+    open_connections = property(lambda self: len(self._conns))
+    idle_connections = property(lambda self: len(self._idle))
+    in_use = property(lambda self: len(self._conns) - len(self._idle))
+
+    async def request(self, method: str, url: URL, headers: Headers, data: Body | AsyncIterator[bytes] | None,
+                      timeout: aiohttp.ClientTimeout) -> Response:
+        """Send one request; return once the status line and headers are in."""
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        resp = Response(self, method)
+        resp.task = task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        if total := timeout.total:
+            when = self.loop.time() + total
+            resp.total = self.loop.call_at(ceil(when) if total >= timeout.ceil_threshold else when, resp.expire)
+        try:
+            await self._exchange(resp, url.raw_path_qs, headers, data, timeout)
+        except BaseException as exc:
+            resp.close()
+            if isinstance(exc, asyncio.CancelledError) and resp.expired and task.uncancel() <= cancelling:
+                raise asyncio.TimeoutError() from None  # total ran out before the headers
+            raise
+        resp.task = None
+        return resp
+
+    async def _exchange(self, resp: Response, target: str, headers: Headers, data: Body | AsyncIterator[bytes] | None,
+                        timeout: aiohttp.ClientTimeout) -> None:
+        """Send, then wait for the headers. A pooled connection the upstream had closed unanswered
+        is retried once on a fresh one, only for an idempotent method with a bytes body: a POST
+        that reached the upstream could run twice, so it fails as `network` and the route decides."""
+        head, length = request_head(resp.method, target, self._host_line, headers, data)
+        streamed = data is not None and not isinstance(data, Body)
+        if isinstance(data, Body) and len(data) <= _SMALL_WRITE:
+            head, data = head + data, None
+        fresh = False
+        while True:
+            await self._take_slot(resp, timeout)
+            conn, reused = await self._connection(fresh, timeout)
+            await conn.send(resp, head, data, length, timeout.sock_read)
+            while not resp.status and resp.exc is None:
+                await resp.wait()
+            if resp.exc is None:
+                return
+            if not (isinstance(resp.exc, aiohttp.ServerDisconnectedError) and reused and not conn.got_data
+                    and not streamed and not fresh and resp.method in _IDEMPOTENT):
+                raise resp.exc
+            fresh, resp.exc = True, None
+
+    async def _take_slot(self, resp: Response, timeout: aiohttp.ClientTimeout) -> None:
+        """One of max_connections for this request; waiting is bounded by `connect`, as in aiohttp."""
+        if self._slots.locked():
+            self._queued += 1
+            try:
+                async with asyncio.timeout(timeout.connect or None):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {self._hostport}") from None
+            finally:
+                self._queued -= 1
+        else:
+            await self._slots.acquire()  # free: returns at once
+        resp.slot = True
+        if self._closed:
+            raise aiohttp.ClientConnectionError("the client is closed")
+
+    async def _connection(self, fresh: bool, timeout: aiohttp.ClientTimeout) -> tuple[Connection, bool]:
+        """The most recently used live idle connection (unless `fresh`), else a new one (happy
+        eyeballs over the upstream's addresses, as aiohttp, then TLS, within sock_connect); and
+        whether it was pooled."""
+        while self._idle and not fresh:
+            conn = self._idle.pop()
+            conn.pooled = False
+            if not conn.transport.is_closing() and self.loop.time() - conn.idle_at < self._keepalive:  # type: ignore[union-attr]
+                return conn, True
+            self.drop(conn)
+        if fresh and len(self._conns) >= self._max and self._idle:
+            self.drop(self._idle[0])  # make room for the fresh connection
+        loop = self.loop
+        try:
+            async with asyncio.timeout(timeout.sock_connect or None) as cm:
+                if loop.time() >= self._addrs_until:
+                    self._addrs = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+                    self._addrs_until = loop.time() + _DNS_TTL
+                sock = await aiohappyeyeballs.start_connection(self._addrs, happy_eyeballs_delay=0.25)
+                _, conn = await loop.create_connection(lambda: Connection(self), sock=sock, ssl=self._ssl,
+                                                       server_hostname=self._host.rstrip(".") if self._ssl else None)
+        except OSError as exc:
+            if isinstance(exc, TimeoutError) and cm.expired():
+                raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {self._hostport}") from None
+            why = next(why for kind, why in _UNREACHABLE if isinstance(exc, kind))
+            raise UpstreamUnreachable(self._hostport, why, exc) from exc
+        self._conns.add(conn)
+        self.connections_made += 1
+        if self._closed:
+            self.drop(conn)
+            raise aiohttp.ClientConnectionError("the client is closed")
+        return conn, False
+
+    def put(self, conn: Connection) -> None:
+        """The exchange on `conn` is complete: back to the pool, or closed if it cannot be reused."""
+        if self._closed or conn.transport is None or conn.transport.is_closing() or not conn.reusable or conn.broken:
+            return self.drop(conn, graceful=not conn.broken)
+        conn.pooled, conn.idle_at = True, self.loop.time()
+        self._idle.append(conn)
+        if self._cleanup_handle is None:
+            self._cleanup_handle = self.loop.call_at(conn.idle_at + self._keepalive, self._cleanup)
+
+    def drop(self, conn: Connection, *, graceful: bool = False) -> None:
+        """Close `conn` (idempotent). `graceful` after a complete exchange (Connection: close): a
+        TLS connection then says goodbye; otherwise it is aborted."""
+        if conn.transport is not None:
+            conn.transport.close() if graceful else conn.transport.abort()
+        self._conns.discard(conn)
+        if conn.pooled:
+            conn.pooled = False
+            self._idle.remove(conn)
+
+    def free_slot(self) -> None:
+        self._slots.release()
+
+    def _cleanup(self) -> None:
+        """Close connections idle for longer than the keep-alive timeout."""
+        self._cleanup_handle = None
+        limit = self.loop.time() - self._keepalive + 0.01  # timers may fire a hair early
+        while self._idle and self._idle[0].idle_at <= limit:
+            self.drop(self._idle[0], graceful=True)
+        if self._idle:
+            self._cleanup_handle = self.loop.call_at(self._idle[0].idle_at + self._keepalive, self._cleanup)
+
+    async def close(self) -> None:
+        """Close every connection, idle or in use; responses being read and waiting requests fail."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._cleanup_handle is not None:
+            self._cleanup_handle.cancel()
+        for _ in range(self._queued):
+            self._slots.release()  # each waiter wakes to a closed client
+        for conn in list(self._conns):
+            if conn.resp is not None:
+                conn.resp.abort(aiohttp.ClientConnectionError("the client is closed"))
+            self.drop(conn)
+        await asyncio.sleep(0)  # let the transports report connection_lost
+
+
 class SessionClient:
-    """ClientSession behind the same two calls as FastClient."""
+    """ClientSession behind the same two calls as Pool."""
 
     __slots__ = ("_session",)
 
@@ -55,14 +246,14 @@ class SessionClient:
         await self._session.close()
 
 
-UpstreamClient = FastClient | SessionClient
-UpstreamResponse = FastResponse | aiohttp.ClientResponse
+UpstreamClient = Pool | SessionClient
+UpstreamResponse = Response | aiohttp.ClientResponse
 
 
 def create_client(config: ProxyConfig) -> UpstreamClient:
     """Inside the running loop (the app's cleanup_ctx): both clients bind to it."""
     if config.upstream.client == "fast":
-        return FastClient(config.upstream.url, max_connections=config.upstream.max_connections)
+        return Pool(config.upstream.url, max_connections=config.upstream.max_connections)
     return SessionClient(config)
 
 
@@ -100,15 +291,16 @@ class UrlCache:
 def switch_to_idle_timeout(resp: UpstreamResponse, idle: float) -> None:
     """After the headers, "no bytes for `idle`" replaces "no headers for `first_byte`".
 
-    aiohttp has one sock_read value per request; its ResponseHandler exposes a read_timeout
-    setter and start_timeout() (used by aiohttp itself), so the switch costs no extra timer.
+    proxy.client has a public switch. ClientSession has one sock_read per request and no public
+    way to change it: its ResponseHandler's read_timeout setter and start_timeout() (aiohttp 3.x)
+    are used when present; an aiohttp without them keeps first_byte as the idle bound.
     """
-    if isinstance(resp, FastResponse):
+    if isinstance(resp, Response):
         resp.set_read_timeout(idle)
         return
     conn = resp.connection
-    if conn is None or conn.protocol is None:
-        return  # the body has been read whole already
-    proto = conn.protocol
+    proto = conn.protocol if conn is not None else None
+    if proto is None or not hasattr(proto, "start_timeout"):
+        return  # the body has been read whole already, or an aiohttp without the switch
     proto.read_timeout = idle
     proto.start_timeout()

@@ -1,4 +1,5 @@
-"""proxy.fastclient: the keep-alive HTTP/1.1 client, against real servers on 127.0.0.1.
+"""proxy.client and proxy.upstream.Pool: the keep-alive HTTP/1.1 client (`upstream.client: fast`),
+against real servers on 127.0.0.1.
 
 Servers: the mock upstream (scripted faults), a small aiohttp app that reports raw headers and
 which connection carried each request, and raw asyncio servers for what aiohttp will not send
@@ -26,8 +27,9 @@ import uvloop
 from aiohttp import web
 from yarl import URL
 
-from proxy.classify import Category, classify_exception
-from proxy.fastclient import FastClient, FastResponse
+from proxy.classify import Category, UpstreamUnreachable, classify_exception, failure_detail
+from proxy.client import Response
+from proxy.upstream import Pool
 from proxy.testing import (
     MODELS_BODY,
     CutBody,
@@ -64,11 +66,11 @@ async def chunks(data: Iterator[bytes]) -> AsyncIterator[bytes]:
 
 
 @pytest.fixture
-async def clients() -> AsyncIterator[Callable[..., FastClient]]:
-    made: list[FastClient] = []
+async def clients() -> AsyncIterator[Callable[..., Pool]]:
+    made: list[Pool] = []
 
-    def make(base: str, max_connections: int = 8, **kw: Any) -> FastClient:
-        c = FastClient(base, max_connections=max_connections, **kw)
+    def make(base: str, max_connections: int = 8, **kw: Any) -> Pool:
+        c = Pool(base, max_connections=max_connections, **kw)
         made.append(c)
         return c
 
@@ -250,7 +252,7 @@ async def test_post_json_round_trip_keeps_header_order_and_case(app: App, client
              ("X-Stainless-Lang", "python"), ("accept", "*/*"), ("x-Dup", "1"), ("X-dup", "2")]
     body = b'{"model":"gpt-4o","input":"hi"}'
     resp = await c.request("POST", url(app.url, "/echo?api-version=1&key=" + SECRET), given, body, T)
-    assert isinstance(resp, FastResponse)
+    assert isinstance(resp, Response)
     assert (resp.status, resp.reason) == (200, "OK")
     assert resp.headers["Content-Type"].startswith("application/json")
     echo = json.loads(await resp.read())
@@ -263,11 +265,12 @@ async def test_post_json_round_trip_keeps_header_order_and_case(app: App, client
     assert resp.content_length == len(await resp.read())
 
 
-async def test_get_sends_no_body_framing_and_keeps_a_given_host(app: App, clients) -> None:
+async def test_get_sends_no_body_framing_and_host_is_the_urls(app: App, clients) -> None:
     c = clients(app.url)
-    resp = await c.request("GET", url(app.url, "/echo"), [("host", "example.test")], None, T)
+    given = [("host", "example.test"), ("Transfer-Encoding", "chunked"), ("content-length", "9")]
+    resp = await c.request("GET", url(app.url, "/echo"), given, None, T)
     echo = json.loads(await resp.read())
-    assert echo["headers"] == [["host", "example.test"]]  # no Host added, no length, no UA/Accept
+    assert echo["headers"] == [["Host", f"127.0.0.1:{URL(app.url).port}"]]  # no length, no UA/Accept
     resp = await c.request("POST", url(app.url, "/echo"), [], b"", T)
     echo = json.loads(await resp.read())
     assert echo["headers"][1:] == [["Content-Length", "0"]]
@@ -407,7 +410,7 @@ async def test_connect_timeout_bounds_the_wait_for_a_slot(app: App, clients) -> 
     app.gate.set()
     resp = await busy
     assert await resp.read() == b"passed"
-    assert (c.open_connections, c.in_use, len(c._waiters)) == (1, 0, 0)
+    assert (c.open_connections, c.in_use, c._queued) == (1, 0, 0)
 
 
 async def test_cancelled_waiters_leak_no_slot(app: App, clients) -> None:
@@ -425,11 +428,10 @@ async def test_cancelled_waiters_leak_no_slot(app: App, clients) -> None:
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert [r for r in results if r == b"passed"] == [b"passed"] * 5
     assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 3
-    assert (c.open_connections, c.in_use, len(c._waiters)) == (2, 0, 0)
+    assert (c.open_connections, c.in_use, c._queued) == (2, 0, 0)
 
 
-async def test_a_slot_or_connection_handed_to_a_cancelled_waiter_is_passed_on(
-        raw, clients, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_slot_freed_for_a_cancelled_waiter_is_passed_on(raw, clients) -> None:
     finish = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
@@ -445,7 +447,7 @@ async def test_a_slot_or_connection_handed_to_a_cancelled_waiter_is_passed_on(
     first = await c.request("GET", url(server.url, "/"), [], None, T)
     waiter = asyncio.create_task(c.request("GET", url(server.url, "/"), [], None, T))
     patient = asyncio.create_task(c.request("GET", url(server.url, "/"), [], None, T))
-    await until(lambda: len(c._waiters) == 2)
+    await until(lambda: c._queued == 2)
     first.close()  # body unread: dropped; its slot goes to the first waiter...
     waiter.cancel()  # ...which gives up before it runs, passing the slot on to the next
     with pytest.raises(asyncio.CancelledError):
@@ -454,25 +456,18 @@ async def test_a_slot_or_connection_handed_to_a_cancelled_waiter_is_passed_on(
     finish.set()
     assert await resp.read() == b"ok"
     resp.close()  # a no-op: the whole body had arrived, so the connection was back in the pool
-    assert (c.open_connections, c.idle_connections, server.connections) == (1, 1, 2)
+    assert (c.open_connections, c.idle_connections, server.connections, c._queued) == (1, 1, 2, 0)
 
     second = await c.request("GET", url(server.url, "/"), [], None, T)
     waiter = asyncio.create_task(c.request("GET", url(server.url, "/"), [], None, T))
-    await until(lambda: len(c._waiters) == 1)
-    release = c._release
-
-    def release_then_cancel(proto: Any) -> None:
-        release(proto)  # hands the connection to the waiter's future...
-        waiter.cancel()  # ...and the waiter is cancelled before it can run
-
-    monkeypatch.setattr(c, "_release", release_then_cancel)
-    finish.set()  # the body ends: the connection is released by the parser's end-of-body
+    await until(lambda: c._queued == 1)
+    finish.set()  # the body ends: the connection goes back to the pool and the slot to the waiter...
     assert await second.read() == b"ok"
+    waiter.cancel()  # ...which is cancelled before it can run
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    monkeypatch.undo()
-    assert (c.open_connections, c.idle_connections, c.in_use) == (1, 1, 0)
-    third = await c.request("GET", url(server.url, "/"), [], None, T)  # the pooled one, reused
+    assert (c.open_connections, c.idle_connections, c.in_use, c._queued) == (1, 1, 0, 0)
+    third = await c.request("GET", url(server.url, "/"), [], None, T)  # the slot was not lost
     finish.set()
     assert await third.read() == b"ok"
     assert (server.connections, c.connections_made) == (2, 2)
@@ -554,10 +549,11 @@ async def test_connect_refused(clients) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     c = clients(f"http://127.0.0.1:{port}")
-    with pytest.raises(aiohttp.ClientConnectorError) as info:
+    with pytest.raises(UpstreamUnreachable) as info:
         await c.request("GET", url(f"http://127.0.0.1:{port}", "/v1/x?key=" + SECRET), [], None, T)
     assert isinstance(info.value.os_error, ConnectionRefusedError)
     assert classify_exception(info.value) is Category.CONNECT
+    assert failure_detail(info.value) == "the connection was refused"
     assert f"127.0.0.1:{port}" in str(info.value) and SECRET not in str(info.value)
     assert c.open_connections == 0
 
@@ -599,8 +595,10 @@ async def test_dns_failure(clients, monkeypatch: pytest.MonkeyPatch) -> None:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", fail)
-    with pytest.raises(aiohttp.ClientConnectorDNSError):
+    with pytest.raises(UpstreamUnreachable) as info:
         await c.request("GET", URL("https://api.openai.invalid/v1/models"), [], None, T)
+    assert failure_detail(info.value) == "its host name could not be resolved"
+    assert classify_exception(info.value) is Category.CONNECT
     assert c.open_connections == 0
 
 
@@ -627,7 +625,7 @@ async def test_total_timeout_while_waiting_for_headers(mock: MockUpstream, clien
     assert c.open_connections == 0
 
 
-async def sse(c: FastClient, mock: MockUpstream, timeout: aiohttp.ClientTimeout = T) -> FastResponse:
+async def sse(c: Pool, mock: MockUpstream, timeout: aiohttp.ClientTimeout = T) -> Response:
     resp = await c.request("POST", url(mock.url, CHAT), [("Content-Type", "application/json")], SSE_REQUEST, timeout)
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
     return resp
@@ -650,7 +648,7 @@ async def test_idle_timeout_after_set_read_timeout(mock: MockUpstream, clients) 
 async def test_sock_read_restarts_on_every_chunk() -> None:
     """Ten frames 30 ms apart under a 200 ms sock_read: the stream outlasts the timeout, no gap does."""
     async with MockUpstream(sse_events=10, sse_interval=0.03) as mock:
-        c = FastClient(mock.url, max_connections=1)
+        c = Pool(mock.url, max_connections=1)
         try:
             resp = await sse(c, mock, aiohttp.ClientTimeout(total=10, sock_read=0.2))
             body = await resp.read()
@@ -790,18 +788,19 @@ async def test_release_before_the_body_is_read_drops_the_connection(mock: MockUp
     assert (c.open_connections, c.idle_connections) == (0, 0)
 
 
-async def test_an_abandoned_response_frees_its_slot(mock: MockUpstream, clients) -> None:
-    """Safety net only (the proxy always closes): once nothing holds a response, its slot is freed."""
+async def test_a_cut_connection_frees_its_slot_before_the_response_is_closed(mock: MockUpstream, clients) -> None:
+    """The slot goes with the exchange: the upstream cutting it frees the slot, read or not."""
     mock.script("/v1/files/file-size-300000/content", CutBody(after_bytes=70_000))
     c = clients(mock.url, max_connections=1)
     resp = await c.request("GET", url(mock.url, "/v1/files/file-size-300000/content"), [], None, T)
-    proto = resp._proto
-    assert proto is not None
-    await until(lambda: proto.transport is None)  # the upstream cut it; nobody read or closed it
-    del resp
-    await until(lambda: c.open_connections == 0)
-    resp = await c.request("GET", url(mock.url, "/v1/models"), [], None, T)
-    assert await resp.read() == MODELS_BODY
+    conn = resp.conn
+    assert conn is not None
+    await until(lambda: conn.transport is None)  # the upstream cut it; nobody read or closed it
+    assert c.open_connections == 0
+    other = await c.request("GET", url(mock.url, "/v1/models"), [], None, T)
+    assert await other.read() == MODELS_BODY
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()  # what did arrive is not passed off as the whole body
 
 
 async def test_gzip_body_passes_byte_identical(mock: MockUpstream, clients) -> None:
@@ -818,10 +817,10 @@ async def test_slow_reader_does_not_buffer_the_whole_body(mock: MockUpstream, cl
     c = clients(mock.url)
     resp = await c.request("GET", url(mock.url, path), [], None, T)
     digest = hashlib.sha256(await resp.content.readany())
-    proto = resp._proto
+    proto = resp.conn
     assert proto is not None
-    await until(lambda: proto._reading_paused)  # flow control stopped the socket...
-    assert resp.content._size < MiB  # ...with a bounded buffer (high water 128 KiB)
+    await until(lambda: proto.paused)  # flow control stopped the socket...
+    assert resp._size < MiB  # ...with a bounded buffer (high water 128 KiB)
     while chunk := await resp.content.readany():
         digest.update(chunk)
     assert digest.hexdigest() == mock_bytes_sha256(size)
@@ -941,12 +940,12 @@ async def test_cancel_during_streamed_upload(mock: MockUpstream, clients) -> Non
 
 async def test_close_fails_responses_in_use(mock: MockUpstream) -> None:
     mock.script(CHAT, Stall(after_events=1, gate="never"))
-    c = FastClient(mock.url, max_connections=1)
+    c = Pool(mock.url, max_connections=1)
     resp = await sse(c, mock)
     await resp.content.readany()
     reading = asyncio.create_task(resp.content.readany())
     waiting = asyncio.create_task(c.request("GET", url(mock.url, "/v1/models"), [], None, T))
-    await until(lambda: len(c._waiters) == 1)
+    await until(lambda: c._queued == 1)
     await c.close()
     with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)):
         await reading
@@ -955,6 +954,112 @@ async def test_close_fails_responses_in_use(mock: MockUpstream) -> None:
     resp.close()
     with pytest.raises(RuntimeError):
         await c.request("GET", url(mock.url, "/v1/models"), [], None, T)
+
+
+# --------------------------------------------------------------------------- heads
+
+
+async def test_obs_text_header_bytes_survive_both_ways(raw, clients) -> None:
+    """Decoded as aiohttp decodes (UTF-8, surrogateescape): both clients give the same strings,
+    and the bytes come back with .encode("utf-8", "surrogateescape"), on requests too."""
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))  # a GET: no body
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Latin: caf\xe9\r\nX-Utf8: caf\xc3\xa9\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()
+
+    server = await raw(serve)
+    sent = b"d\xe9j\xe0".decode("utf-8", "surrogateescape")  # as aiohttp's server parses a client's bytes
+    resp = await clients(server.url).request("GET", url(server.url, "/"), [("X-Obs", sent)], None, T)
+    assert resp.headers["X-Latin"].encode("utf-8", "surrogateescape") == b"caf\xe9"
+    assert resp.headers["X-Utf8"] == "caf\u00e9"
+    assert b"\r\nX-Obs: d\xe9j\xe0\r\n" in seen[0]
+
+
+@pytest.mark.parametrize("header", [("X-Evil", "a\r\nX-Injected: 1"), ("X-Evil", "a\nb"), ("X-Evil", "nul\x00"),
+                                    ("X-Evil\r\nX-Injected", "1")])
+async def test_control_characters_in_request_headers_are_refused(app: App, clients, header) -> None:
+    c = clients(app.url)
+    with pytest.raises(ValueError):
+        await c.request("GET", url(app.url, "/echo"), [header], None, T)
+    assert (c.open_connections, app.peers) == (0, [])  # nothing was sent
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * 9000 + b"\r\n\r\n",
+                                  b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n",
+                                  b"HTTP/1.1 200 OK\r\nX-Endless: " + b"e" * (2 * MiB)],
+                         ids=["a field over 8190 bytes", "over 128 fields", "a head over 1 MiB"])
+async def test_oversized_response_heads_are_invalid(raw, clients, head: bytes) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(head)
+        await reader.read()
+
+    server = await raw(serve)
+    c = clients(server.url)
+    with pytest.raises(aiohttp.ClientResponseError) as info:
+        await c.request("GET", url(server.url, "/"), [], None, T)
+    assert classify_exception(info.value) is Category.INVALID_RESPONSE
+    assert c.open_connections == 0
+
+
+async def test_head_response_without_a_length_is_complete_at_its_headers(raw, clients) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        await reader.read()
+
+    server = await raw(serve)
+    c = clients(server.url)
+    resp = await c.request("HEAD", url(server.url, "/"), [], None, T)
+    assert resp.status == 200 and await resp.read() == b""
+    assert c.in_use == 0  # no length: not reusable, so dropped rather than pooled
+
+
+async def test_bytes_after_a_complete_response_spoil_only_the_connection(raw, clients) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(OK_RESPONSE + b"HTTP/1.1 200 OK\r\n")  # the start of a response nobody asked for
+
+    server = await raw(serve)
+    c = clients(server.url)
+    for _ in range(2):
+        resp = await c.request("GET", url(server.url, "/"), [], None, T)
+        assert await resp.read() == b"ok"
+    assert server.connections == 2 and c.idle_connections == 0
+
+
+async def test_upload_waits_while_the_socket_buffer_is_full(raw, clients) -> None:
+    """pause_writing/resume_writing: a slow upstream holds the upload; it is not buffered whole."""
+    size = 32 * MiB
+    reading = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await reading.wait()
+        _, body = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(len(body))), len(body)))
+        await reader.read()
+
+    pulled = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for chunk in mock_bytes(size):
+            pulled += len(chunk)
+            yield chunk
+
+    server = await raw(serve)
+    c = clients(server.url)
+    task = asyncio.create_task(c.request("POST", url(server.url, "/"), [("Content-Length", str(size))], body(), T))
+    await until(lambda: pulled > 0)
+    for _ in range(200):
+        await asyncio.sleep(0)
+    assert pulled < 16 * MiB  # the socket is full and nobody reads: the iterator is not drained
+    reading.set()
+    resp = await task
+    assert await resp.read() == str(size).encode()
 
 
 # --------------------------------------------------------------------------- TLS
@@ -983,9 +1088,10 @@ async def tls_app(cert: tuple[Path, Path]) -> AsyncIterator[App]:
 
 async def test_tls_unverified_certificate_is_refused(tls_app: App, clients) -> None:
     c = clients(tls_app.url)
-    with pytest.raises(aiohttp.ClientConnectorCertificateError) as info:
+    with pytest.raises(UpstreamUnreachable) as info:
         await c.request("GET", url(tls_app.url, "/echo"), [], None, T)
     assert classify_exception(info.value) is Category.CONNECT
+    assert failure_detail(info.value) == "its TLS certificate could not be verified"
     assert c.open_connections == 0
 
 
@@ -1010,7 +1116,7 @@ def test_under_uvloop() -> None:
     async def scenario() -> None:
         async with MockUpstream() as mock:
             mock.script(CHAT, Stall(after_events=1, gate="go"))
-            c = FastClient(mock.url, max_connections=4)
+            c = Pool(mock.url, max_connections=4)
             try:
                 resp = await sse(c, mock)
                 assert b"tok0" in await resp.content.readany()
@@ -1041,7 +1147,7 @@ def test_under_uvloop() -> None:
 
         server = RawServer(serve)
         await server.start()
-        c = FastClient(server.url, max_connections=4)
+        c = Pool(server.url, max_connections=4)
         try:
             for body in (b"one", b"two"):
                 resp = await c.request("PUT", url(server.url, "/"), [], body, T)
