@@ -66,3 +66,26 @@ def test_name_cache_is_bounded():
     for i in range(3000):
         assert f(CIMultiDictProxy(CIMultiDict([(f"x-{i}", "v"), ("Proxy-Foo", "y")]))) == [(f"x-{i}", "v")]
     assert len(f._known) <= 1024
+
+
+def test_serialize_head_writes_status_line_and_crlf_lines():
+    from proxy.headers import serialize_head
+
+    headers = [("Content-Type", "application/json"), ("x-request-id", "req_1"), ("Content-Length", "2")]
+    ours = serialize_head("HTTP/1.1 200 OK", headers)
+    assert ours == b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-request-id: req_1\r\nContent-Length: 2\r\n\r\n"
+
+
+def test_serialize_head_keeps_obs_text_bytes_and_refuses_injection():
+    import pytest as _pytest
+
+    from proxy.headers import serialize_head
+
+    raw = b"caf\xe9\xff-end"
+    value = raw.decode("utf-8", "surrogateescape")  # as the upstream clients decode header bytes
+    assert serialize_head("HTTP/1.1 200 OK", [("X-Name", value)]).endswith(b"X-Name: " + raw + b"\r\n\r\n")
+    for evil in ("a\r\nSet-Cookie: x", "a\nb", "a\rb", "a\0b"):
+        with _pytest.raises(ValueError):
+            serialize_head("HTTP/1.1 200 OK", [("X-Evil", evil)])
+    with _pytest.raises(ValueError):
+        serialize_head("HTTP/1.1 200 OK", [("X-Evil\r\nInjected", "v")])
