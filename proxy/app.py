@@ -18,8 +18,6 @@ from .logs import LogObserver
 from .metrics import MetricsObserver, MetricsStore, StoreCollector, bucket_bounds
 from .upstream import create_client
 
-CONFIG = web.AppKey("config", ProxyConfig)
-
 # aiohttp server options for the traffic listener: a disconnecting client cancels its handler (and
 # so its upstream request); request bodies are never decompressed; no access log on the hot path.
 SERVER_OPTIONS = dict(handler_cancellation=True, auto_decompress=False, access_log=None)
@@ -97,7 +95,6 @@ class TrafficServer:
         self.config = config
         self.forwarder = Forwarder(config, Emitter(observers, _observer_failed), **forwarder_options)
         self.app = web.Application()
-        self.app[CONFIG] = config
         self.app.cleanup_ctx.append(self._client_ctx)
         self.runner = web.ServerRunner(_Server(self.forwarder.handle, keepalive_timeout=keepalive_timeout,
                                                **SERVER_OPTIONS), shutdown_timeout=shutdown_timeout)

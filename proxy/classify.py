@@ -43,7 +43,6 @@ class Verdict:
 
 
 OK = Verdict(Category.OK)
-_BY_CLASS = {2: OK, 3: OK}
 
 
 def classify_status(status: int, body: bytes | None) -> Verdict:
@@ -53,7 +52,7 @@ def classify_status(status: int, body: bytes | None) -> Verdict:
     fixed by waiting, nor can "Request too large ... Requested > Limit" (it has no "Used").
     """
     if status < 400:
-        return _BY_CLASS.get(status // 100, OK)
+        return OK
     if status >= 500:
         return Verdict(Category.SERVER)
     if status in (401, 403):

@@ -26,9 +26,6 @@ class PathPattern:
     segments: tuple[str | None, ...]
     prefix: bool
 
-    def matches(self, path: str) -> bool:
-        return self.matches_parts(split_path(path))
-
     def matches_parts(self, parts: list[str]) -> bool:
         """Against a path already split by split_path (once per request, not once per route)."""
         segs = self.segments
