@@ -183,7 +183,6 @@ class MetricsStore:
             finally:
                 os.close(fd)
         self._map[:_FILE_HEAD.size + len(header)] = _FILE_HEAD.pack(_MAGIC, len(header)) + header
-        self._start = start
         self.slots = memoryview(self._map)[start:].cast("d")
 
     def snapshot(self) -> Snapshot:
