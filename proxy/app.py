@@ -84,7 +84,7 @@ class TrafficServer:
     """The traffic listener.
 
     aiohttp's low-level `web.Server` calls the forward handler directly: every method and path goes
-    to it, so a router and a middleware chain would only cost time (5-8 % CPU per request, bench/).
+    to it, so a router and a middleware chain would only cost time (docs/benchmarks.md).
     An Application still owns the lifecycle: the upstream client lives in its cleanup_ctx.
     `observers` see every event (logs, metrics, tests); `forwarder_options` inject the clock,
     random source and sleep for tests.

@@ -55,8 +55,8 @@ class LineWriter:
     blocks that thread, never the traffic. Order is kept. If the thread falls `max_pending` bytes
     behind, newer batches are dropped and counted, and the thread writes a `log_lines_dropped`
     line with the count once stdout moves again: memory stays bounded and the loss is visible.
-    Why 50 ms: each handoff wakes the thread, which must take the GIL from the loop; at 10 ms that
-    cost 3 % of the CPU per request at 11k req/s, at 50 ms it is below the noise (bench/).
+    Why 50 ms: each handoff wakes the thread, which must take the GIL from the loop; shorter
+    intervals cost measurable CPU per request (docs/benchmarks.md), 50 ms does not.
     `flush()` writes everything now, in order (shutdown, and tests before they read stdout).
     Writes go to whatever sys.stdout is at the time (test runners swap it).
     """

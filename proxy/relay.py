@@ -80,8 +80,8 @@ async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reas
     """A response whose body is in memory, written as one piece: status line, headers and body.
 
     The common case (a JSON answer read whole before the commit). aiohttp's Response would do the
-    same write through a response object, a header multidict and five coroutines, ~7 µs of CPU per
-    request (bench/); here it is one serialisation (headers.serialize_head, which rejects CR/LF)
+    same write through a response object, a header multidict and five coroutines, measurably more CPU per
+    request (docs/benchmarks.md); here it is one serialisation (headers.serialize_head, which rejects CR/LF)
     and one transport write. What aiohttp would add is added: Content-Length, Date when the
     upstream sent none, and the Connection header for the client's keep-alive choice. Flow control
     is kept: a client that does not read makes this wait (drain), as aiohttp's writer would.
