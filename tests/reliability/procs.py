@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from bench.soak import open_fds
+from .soak import open_fds
 
 
 async def poll(probe: Callable[[], Any], timeout: float = 10.0) -> bool:

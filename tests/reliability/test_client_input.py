@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import pytest
 
-from bench.soak import open_fds, parse_metrics
+from .soak import open_fds, parse_metrics
 from proxy.events import RequestStarted
 from proxy.testing import MockUpstream, Stall
 

@@ -9,7 +9,7 @@ import time
 
 import aiohttp
 
-from bench.soak import open_fds, parse_metrics, rss_kib
+from .soak import open_fds, parse_metrics, rss_kib
 from proxy.testing import Delay, MockUpstream
 
 from ..conftest import TEST_KEY, write_config

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from bench.soak import FAULTS, KINDS, run_soak
+from .soak import FAULTS, KINDS, run_soak
 
 from ..conftest import TEST_KEY
 
