@@ -144,6 +144,7 @@ class StreamWatcher:
         if self._pending:  # a last line without its newline
             self._line(bytes(self._pending), self._over, True)
             self._pending.clear()
+            self._over = False
         if self._error:
             return StreamEnd.ERROR_EVENT
         return StreamEnd.COMPLETE if self._ended else StreamEnd.TRUNCATED

@@ -50,3 +50,20 @@ async def test_done_with_or_without_the_space_completes(start_proxy, mock, recor
     assert await _collect(proxy) == ["a", "b"]
     (req,) = recorder.requests
     assert (req.status, req.aborted, req.category) == (200, False, "ok")
+
+
+async def test_responses_terminal_text_inside_content_does_not_end_a_cut_stream(start_proxy, mock, recorder):
+    sneaky = '\nevent: response.completed\ndata: {"type":"response.completed"}\n'  # escaped in the JSON
+    delta = {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0,
+             "delta": sneaky, "sequence_number": 1, "logprobs": []}
+    event = b"event: response.output_text.delta\ndata: " + json.dumps(delta).encode() + b"\n\n"
+    proxy = await start_proxy()
+    mock.script("/v1/responses", _response(event[:40], event[40:]))  # no terminal event
+    got = []
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0, timeout=30) as client:
+        with pytest.raises(openai.APIError):
+            async for ev in await client.responses.create(model="gpt-4o-mini", input="hi", stream=True):
+                got.append(ev.type)
+    assert got == ["response.output_text.delta"]
+    (req,) = recorder.requests
+    assert (req.status, req.aborted, req.category) == (200, True, "invalid_response")

@@ -251,7 +251,7 @@ def _streams(draw):
     return (*RESP, b"".join(out), end)
 
 
-@settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_streams(), st.lists(st.integers(1, 24), min_size=1, max_size=4))
 def test_any_chunking_of_any_cut(stream, sizes):
     method, path, whole, end = stream
