@@ -14,7 +14,7 @@ TIERS: tuple[frozenset[str], ...] = (
     frozenset({"units", "masking", "classify", "backoff", "budget", "headers", "sse", "routes", "retry", "config",
                "errors", "events"}),
     frozenset({"breaker", "policy"}),  # live per-route state, built once
-    frozenset({"body", "upstream", "fastclient", "client"}),  # one attempt's I/O
+    frozenset({"body", "upstream", "client"}),  # one attempt's I/O
     frozenset({"attempt"}),  # the loop
     frozenset({"relay"}),  # the commit
     frozenset({"handler"}),
