@@ -15,7 +15,8 @@ from .errors import ProxyError
 from .events import Emitter, Observer
 from .handler import Forwarder
 from .logs import LogObserver
-from .metrics import MetricsObserver, MetricsStore, StoreCollector, bucket_bounds
+from .exposition import StoreCollector
+from .metrics import MetricsObserver, MetricsStore, bucket_bounds
 from .upstream import create_client
 
 # aiohttp server options for the traffic listener: a disconnecting client cancels its handler (and

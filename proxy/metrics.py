@@ -5,7 +5,7 @@ of doubles (a memory map): a request costs a few index increments, no lock and n
 A route's block is a fixed set of slots, so a route costs nothing until its first request, and a
 scrape renders only routes that have seen traffic (plus the breaker and in-flight gauges, which
 every route shows from the start). prometheus-client still renders the exposition text: the
-collectors below turn a snapshot of the array into its metric families.
+collectors of proxy.exposition turn a snapshot of the array into its metric families.
 
 With --workers N each worker's array is a file in a private directory; the supervisor's
 `DirectoryCollector` sums them (counters of dead workers included, gauges of live ones only), the
@@ -13,7 +13,7 @@ equivalent of prometheus-client's multiprocess mode at a fraction of its cost pe
 
 The duration histogram's bucket bounds depend on the config (they reach its longest total
 timeout), so each store writes its bounds into its file next to the route names, and the
-supervisor renders every file with the bounds all files share (`combine`).
+supervisor renders every file with the bounds all files share (proxy.exposition.combine).
 """
 
 from __future__ import annotations
@@ -25,13 +25,9 @@ import os
 import struct
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
-
-from . import __version__
 from .classify import Category
 from .events import AttemptFinished, BreakerChange, Event, RequestFinished, RequestStarted, RetryScheduled
 from .retry import StopReason
@@ -46,9 +42,9 @@ TRANSITION_STATES = ("closed", "half_open", "open")  # by BreakerState value
 # configs share their `le` values wherever both have them, so a fleet's histograms still add up.
 LADDER = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
           900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0)
-_ATTEMPT_CATEGORIES = tuple(c.value for c in Category if c is not Category.CIRCUIT_OPEN)
-_ERROR_CATEGORIES = tuple(c.value for c in Category if c is not Category.OK)
-_STOP_REASONS = tuple(r.value for r in StopReason)
+ATTEMPT_CATEGORIES = tuple(c.value for c in Category if c is not Category.CIRCUIT_OPEN)
+ERROR_CATEGORIES = tuple(c.value for c in Category if c is not Category.OK)
+STOP_REASONS = tuple(r.value for r in StopReason)
 
 
 class Family(NamedTuple):
@@ -106,9 +102,9 @@ DEFAULT_BUCKETS = bucket_bounds(900.0)  # the built-in total timeout
 # n = len(bounds), the last bucket +Inf. Only the histograms' size depends on the bounds.
 
 def _layout() -> tuple[dict[str, int], int]:
-    sizes = [("used", 1), ("requests", len(STATUS_CLASSES)), ("errors", len(_ERROR_CATEGORIES)),
-             ("attempts", len(_ATTEMPT_CATEGORIES)), ("retries", len(_ATTEMPT_CATEGORIES)),
-             ("stops", len(_STOP_REASONS)), ("retry_successes", 1), ("transitions", len(TRANSITION_STATES)),
+    sizes = [("used", 1), ("requests", len(STATUS_CLASSES)), ("errors", len(ERROR_CATEGORIES)),
+             ("attempts", len(ATTEMPT_CATEGORIES)), ("retries", len(ATTEMPT_CATEGORIES)),
+             ("stops", len(STOP_REASONS)), ("retry_successes", 1), ("transitions", len(TRANSITION_STATES)),
              ("in_flight", 1), ("breaker", 1), ("remaining_requests", 1), ("remaining_requests_at", 1),
              ("remaining_tokens", 1), ("remaining_tokens_at", 1)]
     offsets, off = {}, 0
@@ -125,11 +121,27 @@ _REM_REQ, _REM_REQ_AT = _OFF["remaining_requests"], _OFF["remaining_requests_at"
 _REM_TOK, _REM_TOK_AT = _OFF["remaining_tokens"], _OFF["remaining_tokens_at"]
 _REQUESTS = {c: _OFF["requests"] + i for i, c in enumerate(STATUS_CLASSES)}
 _REQUESTS_BY_CODE = tuple(_REQUESTS[c] for c in _STATUS_CLASS)
-_ERRORS = {Category(c): _OFF["errors"] + i for i, c in enumerate(_ERROR_CATEGORIES)}
-_ATTEMPTS = {Category(c): _OFF["attempts"] + i for i, c in enumerate(_ATTEMPT_CATEGORIES)}
-_RETRIES = {Category(c): _OFF["retries"] + i for i, c in enumerate(_ATTEMPT_CATEGORIES)}
-_STOPS = {r: _OFF["stops"] + i for i, r in enumerate(_STOP_REASONS)}
+_ERRORS = {Category(c): _OFF["errors"] + i for i, c in enumerate(ERROR_CATEGORIES)}
+_ATTEMPTS = {Category(c): _OFF["attempts"] + i for i, c in enumerate(ATTEMPT_CATEGORIES)}
+_RETRIES = {Category(c): _OFF["retries"] + i for i, c in enumerate(ATTEMPT_CATEGORIES)}
+_STOPS = {r: _OFF["stops"] + i for i, r in enumerate(STOP_REASONS)}
 _HIST_OK = HEAD  # the ok histogram; the error one follows it at HEAD + hist_size(bounds)
+
+
+class Layout(NamedTuple):
+    """Where a reader of a block finds each value (proxy.exposition renders them)."""
+
+    offsets: dict[str, int]
+    used: int
+    in_flight: int
+    breaker: int
+    transitions: int
+    retry_successes: int
+    remaining: tuple[tuple[int, int], ...]  # (value, when it was read) for requests, then tokens
+
+
+SLOTS = Layout(_OFF, _USED, _IN_FLIGHT, _BREAKER, _TRANSITIONS, _RETRY_SUCCESSES,
+               ((_REM_REQ, _REM_REQ_AT), (_REM_TOK, _REM_TOK_AT)))
 
 
 def hist_size(bounds: Sequence[float]) -> int:
@@ -284,152 +296,3 @@ class MetricsObserver:
                 b = self._base[route]
                 s[b + _BREAKER] = new
                 s[b + _TRANSITIONS + new] += 1
-
-
-# ---- snapshots -> metric families (pure) ---------------------------------------------------------
-
-_ROUTE_VALUES = ((REQUESTS, "requests", STATUS_CLASSES), (ERRORS, "errors", _ERROR_CATEGORIES),
-                 (ATTEMPTS, "attempts", _ATTEMPT_CATEGORIES), (RETRIES, "retries", _ATTEMPT_CATEGORIES),
-                 (STOPS, "stops", _STOP_REASONS))
-_KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
-
-
-class Combined(NamedTuple):
-    """Route name -> one block laid out for `bounds` (the bucket bounds every snapshot has)."""
-
-    bounds: tuple[float, ...]
-    routes: dict[str, list[float]]
-
-
-def _fold(src: Sequence[float], dst: Sequence[float]) -> list[tuple[int, int]]:
-    """(source slot, target slot) pairs, relative to the histograms' start, that re-bucket the
-    histograms of a block with bounds `src` into bounds `dst`, a subset of `src`.
-
-    Exact: each target bucket (dst[k-1], dst[k]] is the union of the source buckets in it, so a
-    source bucket goes to the first target bucket whose bound is >= its own (+Inf to +Inf)."""
-    pairs = []
-    for o in range(len(OUTCOMES)):
-        s0, d0 = o * hist_size(src), o * hist_size(dst)
-        pairs.append((s0, d0))  # the sum
-        for i, bound in enumerate(src):
-            pairs.append((s0 + 1 + i, d0 + 1 + bisect_left(dst, bound)))
-        pairs.append((s0 + 1 + len(src), d0 + 1 + len(dst)))  # +Inf
-    return pairs
-
-
-def combine(snapshots: Iterable[tuple[Snapshot, bool]]) -> Combined:
-    """Sum snapshots by route name into one block per route.
-
-    Counters and the histograms are summed over every snapshot; `live` False marks a dead worker's
-    file, whose counters still count (they happened) but whose gauges do not: in-flight is summed
-    over live workers, the breaker is the worst of them, a rate-limit reading the newest of them.
-
-    Workers of one config share one set of bucket bounds. Should files disagree (a worker restarted
-    with another config), the histograms are rendered with the bounds all of them have: the counts
-    stay exact, the other bounds are left out until the supervisor restarts.
-    """
-    snaps = list(snapshots)
-    common = set(snaps[0][0].bounds) if snaps else set()
-    for snap, _ in snaps[1:]:
-        common &= set(snap.bounds)
-    bounds = tuple(sorted(common))
-    block = block_size(bounds)
-    out: dict[str, list[float]] = {}
-    for snap, live in snaps:
-        s, n = snap.slots, block_size(snap.bounds)
-        fold = [(HEAD + a, HEAD + b) for a, b in _fold(snap.bounds, bounds)]
-        for name, i in zip(snap.routes, range(0, len(s), n)):
-            src = s[i:i + n]
-            c = out.get(name)
-            if c is None:
-                c = out[name] = [0.0] * block
-            for k in range(_IN_FLIGHT):  # used and the counters
-                c[k] += src[k]
-            if src[_USED]:  # a route that never had a request has empty histograms
-                for a, b in fold:
-                    c[b] += src[a]
-            if not live:
-                continue
-            c[_IN_FLIGHT] += src[_IN_FLIGHT]
-            c[_BREAKER] = max(c[_BREAKER], src[_BREAKER])
-            for value, at in ((_REM_REQ, _REM_REQ_AT), (_REM_TOK, _REM_TOK_AT)):
-                if src[at] > c[at]:
-                    c[at], c[value] = src[at], src[value]
-    return Combined(bounds, out)
-
-
-def families(combined: Combined) -> list[Metric]:
-    """The contract's metric families from combined route values.
-
-    Every route shows its breaker and in-flight gauges and its transition counters. A route that
-    has seen a request shows every other counter series (zeros included, so a first error is a
-    rate, not a new series) and both outcomes of its histogram; rate-limit gauges appear once the
-    upstream has sent the header.
-    """
-    out = {fam: _KINDS[fam.kind](fam.name, fam.help, labels=list(fam.labels)) for fam in FAMILIES}
-    out[BUILD_INFO].add_metric([__version__], 1)
-    le = [floatToGoString(b) for b in combined.bounds] + ["+Inf"]
-    size = hist_size(combined.bounds)
-    for name, c in combined.routes.items():
-        out[BREAKER].add_metric([name], c[_BREAKER])
-        for i, to in enumerate(TRANSITION_STATES):
-            out[TRANSITIONS].add_metric([name, to], c[_TRANSITIONS + i])
-        out[IN_FLIGHT].add_metric([name], c[_IN_FLIGHT])
-        if c[_REM_REQ_AT] > 0:
-            out[REMAINING_REQUESTS].add_metric([name], c[_REM_REQ])
-        if c[_REM_TOK_AT] > 0:
-            out[REMAINING_TOKENS].add_metric([name], c[_REM_TOK])
-        if not c[_USED]:
-            continue
-        for fam, key, values in _ROUTE_VALUES:
-            metric, off = out[fam], _OFF[key]
-            for i, v in enumerate(values):
-                metric.add_metric([name, v], c[off + i])
-        out[RETRY_SUCCESSES].add_metric([name], c[_RETRY_SUCCESSES])
-        for o, outcome in enumerate(OUTCOMES):
-            h = HEAD + o * size
-            cumulative, buckets = 0.0, []
-            for i, bound in enumerate(le):
-                cumulative += c[h + 1 + i]
-                buckets.append((bound, cumulative))
-            out[DURATION].add_metric([name, outcome], buckets, sum_value=c[h])
-    return list(out.values())
-
-
-class StoreCollector:
-    """The collector of one process's own store (single-process mode)."""
-
-    def __init__(self, store: MetricsStore) -> None:
-        self._store = store
-
-    def collect(self) -> Iterator[Metric]:
-        yield from families(combine([(self._store.snapshot(), True)]))
-
-    def describe(self) -> list[Metric]:
-        return families(Combined((), {}))
-
-
-class DirectoryCollector:
-    """The supervisor's collector: every worker's file in `directory`, summed.
-
-    `live_pids()` names the workers alive now; the others' files still count for counters.
-    """
-
-    def __init__(self, directory: str, live_pids: Callable[[], Iterable[int]]) -> None:
-        self._dir = directory
-        self._live = live_pids
-
-    def collect(self) -> Iterator[Metric]:
-        live = {str(p) for p in self._live()}
-        snaps = []
-        for entry in sorted(os.listdir(self._dir)):
-            pid, dot, ext = entry.partition(".")
-            if ext != "metrics":
-                continue
-            snap = read_snapshot(os.path.join(self._dir, entry))
-            if snap is not None:
-                snaps.append((snap, pid in live))
-        yield from families(combine(snaps))
-
-    def describe(self) -> list[Metric]:
-        return families(Combined((), {}))

@@ -27,7 +27,7 @@ from aiohttp import web
 from .config import ProxyConfig, effective
 from .health import ServerState, create_admin_app
 from .logs import WRITER, configure, get_logger
-from .metrics import DirectoryCollector
+from .exposition import DirectoryCollector
 from .process_metrics import process_collectors
 from .server import StartupError, run_loop, serve_traffic_only
 

@@ -17,8 +17,8 @@ from proxy import metrics, process_metrics
 from proxy.app import duration_buckets
 from proxy.classify import Category
 from proxy.events import AttemptFinished, BreakerChange, BreakerState, RequestFinished, RequestStarted, RetryScheduled
-from proxy.metrics import (DEFAULT_BUCKETS, FAMILIES, LADDER, DirectoryCollector, MetricsObserver, MetricsStore,
-                           StoreCollector, bucket_bounds, combine, families, read_snapshot)
+from proxy.exposition import DirectoryCollector, StoreCollector, combine, families
+from proxy.metrics import DEFAULT_BUCKETS, FAMILIES, LADDER, MetricsObserver, MetricsStore, bucket_bounds, read_snapshot
 from proxy.process_metrics import ProcessTreeCollector, process_collectors
 from prometheus_client import ProcessCollector
 
