@@ -23,7 +23,7 @@ import yaml
 from yarl import URL
 
 from .routes import DEFAULT_ROUTE, PathPattern, Route, RouteTable, compile_path
-from .units import format_duration, format_size, parse_duration, parse_size
+from .units import Duration, Size, format_duration, format_size, to_duration, to_size
 
 BUILTIN_SOURCE = "built-in defaults"
 
@@ -41,14 +41,6 @@ class _Invalid(Exception):
     """(key path, message) of a bad value; load() adds the file it came from."""
 
 
-class Duration(float):
-    """Seconds; written as "250ms", "5s", "2m" in YAML."""
-
-
-class Size(int):
-    """Bytes; written as "64KiB", "1MiB" in YAML."""
-
-
 # Strings with a rule of their own (the rule is in _PARSE); a plain str at run time.
 HttpUrl = NewType("HttpUrl", str)
 RouteName = NewType("RouteName", str)
@@ -61,13 +53,6 @@ CategoryName = Literal[
 ]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "console"]
-
-
-def _duration(value: Any) -> Duration:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError(f"expected a duration above zero, got {value!r}")
-    return Duration(seconds)
 
 
 def _url(value: Any) -> str:
@@ -89,8 +74,8 @@ def _matching(pattern: str, expected: str) -> Callable[[Any], str]:
 
 
 _PARSE: dict[Any, Callable[[Any], Any]] = {
-    Duration: _duration,
-    Size: lambda value: Size(parse_size(value)),
+    Duration: to_duration,
+    Size: to_size,
     HttpUrl: _url,
     RouteName: _matching(rf"(?!{DEFAULT_ROUTE}\Z)[A-Za-z0-9_.-]+",
                          f"letters, digits, '_', '.' or '-' and not {DEFAULT_ROUTE!r}"),

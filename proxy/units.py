@@ -50,3 +50,23 @@ def format_size(n: int) -> str:
         if n >= factor and n % factor == 0:
             return f"{n // factor}{unit}"
     return str(n)
+
+
+class Duration(float):
+    """Seconds; written as "250ms", "5s", "2m" in YAML."""
+
+
+class Size(int):
+    """Bytes; written as "64KiB", "1MiB" in YAML."""
+
+
+def to_duration(value: object) -> Duration:
+    """A config duration: a unit is required, and zero or less bounds nothing."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return Duration(seconds)
+
+
+def to_size(value: object) -> Size:
+    return Size(parse_size(value))
