@@ -193,7 +193,9 @@ async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
     if is_event_stream(up.headers):
         resp.headers["X-Accel-Buffering"] = "no"  # ingress controllers must not batch events
         markers = end_markers(request.method, request.path)
-        if markers is not None and up.status == 200:
+        # A compressed stream passes through as is (the proxy never decompresses), so its end
+        # marker cannot be read: it is relayed unjudged, its framing still checked by the client.
+        if markers is not None and up.status == 200 and up.headers.get("Content-Encoding", "identity") == "identity":
             watcher = StreamWatcher(*markers)
     switch_to_idle_timeout(up, idle)
     try:

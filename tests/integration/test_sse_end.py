@@ -67,3 +67,22 @@ async def test_responses_terminal_text_inside_content_does_not_end_a_cut_stream(
     assert got == ["response.output_text.delta"]
     (req,) = recorder.requests
     assert (req.status, req.aborted, req.category) == (200, True, "invalid_response")
+
+
+async def test_a_compressed_stream_is_relayed_byte_identical_not_judged(start_proxy, mock, recorder):
+    import gzip
+
+    import aiohttp
+
+    body = gzip.compress(_chunk("a") + b"data: [DONE]\n\n")
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    mock.script("/v1/chat/completions", Raw(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), then="hold", seconds=30))
+    proxy = await start_proxy()
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT,
+                          headers={"Authorization": f"Bearer {TEST_KEY}", "Accept-Encoding": "gzip"}) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            assert await r.read() == body  # complete, byte-identical: no marker check on bytes it cannot read
+    (req,) = recorder.requests
+    assert (req.status, req.aborted, req.category) == (200, False, "ok")
