@@ -18,9 +18,10 @@ from .breaker import Permit
 from .classify import (ERROR_BODY_LIMIT, UPSTREAM_ERRORS, Category, UnrelayableResponse, Verdict,
                        classify_exception, classify_status)
 from .events import AttemptFinished, Emitter, RetryScheduled
-from .headers import Headers, unrelayable
+from .headers import Headers, readable_stream, unrelayable
 from .policy import RoutePolicy
 from .retry import RetryAfter, StopReason, decide
+from .sse import StreamEnd, judge
 from .upstream import UpstreamClient, UpstreamResponse, send
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -56,6 +57,7 @@ class Exchange(NamedTuple):
     """The request side of one client request, fixed before the first attempt."""
 
     method: str
+    path: str  # the client's, which names the endpoint
     url: URL
     headers: Headers
     body: RequestBody
@@ -154,7 +156,8 @@ async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emi
         if why is not None:
             raise UnrelayableResponse(why)
         prefetched, complete = await _prefetch(up, ex.method)
-        verdict = classify_status(up.status, prefetched)
+        verdict = _small_stream(ex, up, prefetched) if complete else None
+        verdict = verdict or classify_status(up.status, prefetched)
         outcome = Outcome(attempt, verdict, None, up, prefetched, complete)
     except UPSTREAM_ERRORS + (UnrelayableResponse,) as exc:
         if up is not None:
@@ -179,6 +182,18 @@ async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emi
     else:
         emit(AttemptFinished(route.name, attempt, category, None, clock() - began))
     return outcome
+
+
+def _small_stream(ex: Exchange, up: UpstreamResponse, body: bytes | None) -> Verdict | None:
+    """An event stream short enough to be read whole before the commit is judged here, as a long
+    one is while it is relayed: cut before its end marker, it is invalid_response (and may still
+    be retried); carrying an in-band error, it is a server error."""
+    if body is None or up.status != 200 or not readable_stream(up.headers):
+        return None
+    end = judge(ex.method, ex.path, body)
+    if end is StreamEnd.TRUNCATED:
+        raise UnrelayableResponse("the event stream ended before its end marker")
+    return Verdict(Category.SERVER) if end is StreamEnd.ERROR_EVENT else None
 
 
 def _int(value: str | None) -> int | None:

@@ -61,8 +61,9 @@ class Forwarder:
                 except BodyError as exc:
                     return await send_error(request, delivery, _body_error(exc), Category.CLIENT)
                 route.budget.deposit()
-                ex = attempt.Exchange(request.method, self._url(request.raw_path), request_headers(request.headers),
-                                      body, start, attempt.client_deadline(request.headers, start, route.total))
+                ex = attempt.Exchange(request.method, request.path, self._url(request.raw_path),
+                                      request_headers(request.headers), body, start,
+                                      attempt.client_deadline(request.headers, start, route.total))
                 assert self.client is not None
                 # the probe is taken in there, after the body is read: a stalled upload never holds it
                 outcome = await attempt.run(self.client, route, ex, self._emit,

@@ -88,6 +88,12 @@ def response_headers(headers: CIMultiDictProxy[str]) -> Headers:
     return _response_filter(headers)
 
 
+def readable_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
+    """An event stream whose bytes are the events themselves: a compressed one passes through
+    as is (the proxy never decompresses), so its end marker cannot be read."""
+    return is_event_stream(headers) and headers.get("Content-Encoding", "identity") == "identity"
+
+
 def is_event_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
     """Judged on the upstream's headers (a multidict), before they are copied."""
     return headers.get("Content-Type", "").startswith("text/event-stream")

@@ -19,7 +19,7 @@ from aiohttp import HttpVersion10, HttpVersion11
 
 from .classify import UPSTREAM_ERRORS, Category, classify_exception
 from .errors import ProxyError
-from .headers import Headers, is_event_stream, response_headers, serialize_head, without
+from .headers import Headers, is_event_stream, readable_stream, response_headers, serialize_head, without
 from .sse import StreamEnd, StreamWatcher, end_markers
 from .upstream import UpstreamResponse, switch_to_idle_timeout
 
@@ -193,9 +193,7 @@ async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
     if is_event_stream(up.headers):
         resp.headers["X-Accel-Buffering"] = "no"  # ingress controllers must not batch events
         markers = end_markers(request.method, request.path)
-        # A compressed stream passes through as is (the proxy never decompresses), so its end
-        # marker cannot be read: it is relayed unjudged, its framing still checked by the client.
-        if markers is not None and up.status == 200 and up.headers.get("Content-Encoding", "identity") == "identity":
+        if markers is not None and up.status == 200 and readable_stream(up.headers):  # else relayed unjudged
             watcher = StreamWatcher(*markers)
     switch_to_idle_timeout(up, idle)
     try:

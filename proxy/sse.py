@@ -215,3 +215,13 @@ class StreamWatcher:
             self._error = True
         elif kind in _TERMINAL_STR:
             self._ended = True
+
+
+def judge(method: str, path: str, body: bytes) -> StreamEnd | None:
+    """A whole event-stream body, read before the commit; None when the endpoint's end is unknown."""
+    markers = end_markers(method, path)
+    if markers is None:
+        return None
+    watcher = StreamWatcher(*markers)
+    watcher.feed(body)
+    return watcher.result()

@@ -86,3 +86,23 @@ async def test_a_compressed_stream_is_relayed_byte_identical_not_judged(start_pr
             assert await r.read() == body  # complete, byte-identical: no marker check on bytes it cannot read
     (req,) = recorder.requests
     assert (req.status, req.aborted, req.category) == (200, False, "ok")
+
+
+def _sized(*events: bytes) -> Raw:
+    """A short event stream with a Content-Length: read whole before the commit."""
+    body = b"".join(events)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return Raw(head + body, then="hold", seconds=30)
+
+
+async def test_a_short_stream_read_whole_is_judged_before_the_commit(start_proxy, mock, recorder):
+    proxy = await start_proxy()
+    mock.script("/v1/chat/completions", _sized(_chunk("a"), _chunk("see data: [DONE] here")))
+    with pytest.raises(openai.APIStatusError) as info:
+        await _collect(proxy)
+    assert (info.value.status_code, info.value.code) == (502, "invalid_upstream_response")
+    assert "ended before its end marker" in info.value.message
+    assert recorder.requests[-1].category == "invalid_response"
+    mock.script("/v1/chat/completions", _sized(_chunk("a"), b"data:[DONE]\n\n"))
+    assert await _collect(proxy) == ["a"]
+    assert (recorder.requests[-1].status, recorder.requests[-1].aborted) == (200, False)
