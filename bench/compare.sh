@@ -14,9 +14,9 @@
 #                     for any POST, a 30-event 8078-byte SSE file (with Content-Length) for POST /sse/...
 #   sse_up    :18002  bench/slow_sse_upstream.py: chunked SSE, one event every 20 ms (first at once)
 #   ref       :18090  bench/ref_proxy.py -> :18000        (asyncio loop: run WITHOUT --uvloop, the anchor)
-#   ours      :18091  python -m proxy -> :18000           (admin :19091; uses uvloop itself)
+#   ours      :18091  python -m proxy -> :18000           (admin on any free port; uses uvloop itself)
 #   ref_sse   :18092  bench/ref_proxy.py -> :18002
-#   ours_sse  :18093  python -m proxy -> :18002           (admin :19093)
+#   ours_sse  :18093  python -m proxy -> :18002           (admin on any free port)
 #   A/B mode (AB=1): `ours` runs as bench/run_proxy.py (same code as -m proxy) and one more target starts:
 #   ours_b    :18094  bench/run_proxy.py with env AB_ENV (VAR=value ...) and extra flags AB_ARGS
 #   SMALL_BODY_AB=1 is AB=1 with AB_ENV=BENCH_SMALL_BODY=0: the shipped SMALL_BODY (64 KiB: a known-length
@@ -42,9 +42,11 @@
 #        TTFB (1: run the ttfb pass; 0 in A/B mode) WRK_CPU (1) STARTUP_S (15) PY
 #        LIMIT_S (175: a step that would end later is skipped and reported missing -> exit 1)
 # Typical total: ~2 min 10 s (A/B mode: ~2 min).
-# Runtime files: a mktemp dir /tmp/orp_bench.XXXXXX (logs, results.jsonl, summary.txt) and
-# /tmp/bench_run (nginx pid/error log and the SSE body file, paths fixed in bench/nginx/upstream.conf).
-# Uses fixed ports: do not run two at once, nor next to /work/shared/bench/compare.sh.
+# Runtime files: a mktemp dir /tmp/orp_bench.XXXXXX (logs, results.jsonl, summary.txt, and nginx's
+# config, pid, error log and SSE body file under nginx/).
+# Ports: the defaults above, or P_UP P_SSE P_REF P_OURS P_REF_SSE P_OURS_SSE P_OURS_B from the
+# environment (tests/bench/ passes ports the OS gave it); the proxies' admin listeners take any free
+# port. With the default ports, do not run two at once, nor next to /work/shared/bench/compare.sh.
 set -u
 cd "$(dirname "$0")"
 BENCH=$PWD
@@ -65,7 +67,12 @@ STARTUP_S=${STARTUP_S:-15}; REV=${REV:-}
 RUN=$(mktemp -d /tmp/orp_bench.XXXXXX)
 RES=$RUN/results.jsonl
 : >"$RES"
-mkdir -p /tmp/bench_run/www && cp nginx/sse_body.txt /tmp/bench_run/www/  # path used by upstream.conf
+P_UP=${P_UP:-18000}; P_SSE=${P_SSE:-18002}; P_REF=${P_REF:-18090}; P_OURS=${P_OURS:-18091}
+P_REF_SSE=${P_REF_SSE:-18092}; P_OURS_SSE=${P_OURS_SSE:-18093}; P_OURS_B=${P_OURS_B:-18094}
+mkdir -p "$RUN/nginx/www" && cp nginx/sse_body.txt "$RUN/nginx/www/"
+chmod a+rx "$RUN" "$RUN/nginx" "$RUN/nginx/www"  # nginx's workers drop root: they must reach the body file
+# upstream.conf with this run's port and runtime directory
+sed -e "s/127.0.0.1:18000/127.0.0.1:$P_UP/" -e "s#/tmp/bench_run#$RUN/nginx#g" nginx/upstream.conf >"$RUN/nginx/upstream.conf"
 
 for tool in nginx wrk taskset setsid curl timeout; do
   command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install -y nginx wrk)" >&2; exit 1; }
@@ -88,20 +95,21 @@ OURS=("${SRC_ENV[@]}" "$PY" -m proxy --config "$RUN/proxy.yaml")
 B=()   # the extra target of A/B mode
 if [ "$AB" = 1 ]; then OURS=("${SRC_ENV[@]}" "$PY" "$BENCH/run_proxy.py" --config "$RUN/proxy.yaml"); B=(ours_b); fi
 
-start upstream 18000 nginx -e "$RUN/nginx_up.err" -c "$BENCH/nginx/upstream.conf" -g 'daemon off;'
-start sse_up 18002 env PORT=18002 GAP_MS=20 EVENTS=6 "$PY" "$BENCH/slow_sse_upstream.py"
-start ref 18090 env PORT=18090 UPSTREAM=http://127.0.0.1:18000 "$PY" "$BENCH/ref_proxy.py"
-start ours 18091 "${OURS[@]}" --upstream http://127.0.0.1:18000 --port 18091 --admin-port 19091
-start ref_sse 18092 env PORT=18092 UPSTREAM=http://127.0.0.1:18002 "$PY" "$BENCH/ref_proxy.py"
-start ours_sse 18093 "${OURS[@]}" --upstream http://127.0.0.1:18002 --port 18093 --admin-port 19093
+UP=http://127.0.0.1:$P_UP; SSE=http://127.0.0.1:$P_SSE
+start upstream "$P_UP" nginx -e "$RUN/nginx_up.err" -c "$RUN/nginx/upstream.conf" -g 'daemon off;'
+start sse_up "$P_SSE" env PORT="$P_SSE" GAP_MS=20 EVENTS=6 "$PY" "$BENCH/slow_sse_upstream.py"
+start ref "$P_REF" env PORT="$P_REF" UPSTREAM="$UP" "$PY" "$BENCH/ref_proxy.py"
+start ours "$P_OURS" "${OURS[@]}" --upstream "$UP" --port "$P_OURS" --admin-port 0
+start ref_sse "$P_REF_SSE" env PORT="$P_REF_SSE" UPSTREAM="$SSE" "$PY" "$BENCH/ref_proxy.py"
+start ours_sse "$P_OURS_SSE" "${OURS[@]}" --upstream "$SSE" --port "$P_OURS_SSE" --admin-port 0
 if [ "$AB" = 1 ]; then
   # shellcheck disable=SC2086 # AB_ENV and AB_ARGS are word lists
-  start ours_b 18094 env $AB_ENV "${OURS[@]}" --upstream http://127.0.0.1:18000 --port 18094 --admin-port 19094 $AB_ARGS
+  start ours_b "$P_OURS_B" env $AB_ENV "${OURS[@]}" --upstream "$UP" --port "$P_OURS_B" --admin-port 0 $AB_ARGS
   echo "A/B: $AB_LABEL" >&2
   grep -h 'run_proxy: SMALL_BODY=' "$RUN/ours.log" "$RUN/ours_b.log" >&2
 fi
-PORT[direct]=18000
-PORT[direct_sse]=18002
+PORT[direct]=$P_UP
+PORT[direct_sse]=$P_SSE
 
 KEY="Authorization: Bearer sk-bench-0000000000000000000000000000"
 sanity() {  # name path expect
@@ -162,8 +170,8 @@ if [ "$TTFB" = 1 ]; then
   if [ $((SECONDS + est)) -gt "$LIMIT_S" ]; then
     echo "time limit ${LIMIT_S}s: skipping the ttfb pass (needs ~${est}s)" >&2
   else
-    timeout $((est * 2 + 10)) "$PY" ttfb.py "$TTFB_N" direct=http://127.0.0.1:18002/v1/chat/completions \
-      ref=http://127.0.0.1:18092/v1/chat/completions ours=http://127.0.0.1:18093/v1/chat/completions \
+    timeout $((est * 2 + 10)) "$PY" ttfb.py "$TTFB_N" direct="$SSE/v1/chat/completions" \
+      ref="http://127.0.0.1:$P_REF_SSE/v1/chat/completions" ours="http://127.0.0.1:$P_OURS_SSE/v1/chat/completions" \
       >"$RUN/ttfb.out" 2>"$RUN/ttfb.err"
     TTFB_RC=$?
     [ $TTFB_RC = 0 ] || { echo "ttfb.py failed (rc $TTFB_RC):" >&2; tail -5 "$RUN/ttfb.err" >&2; }
