@@ -44,6 +44,11 @@ class Outcome:
     error: BaseException | None = None  # set when there is no response
     deferred: bool = False  # a stream the breaker has not heard about yet: the handler records its end
 
+    @classmethod
+    def never_sent(cls) -> Outcome:
+        """The breaker refused the first attempt: the only case answered `circuit_open`."""
+        return cls(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
+
     def discard(self) -> None:
         """The response is not wanted (a retry replaces it): drop its connection unless read whole."""
         if self.response is not None:
@@ -108,7 +113,7 @@ async def run(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Em
             permit = breaker.allow()
             if permit is None:
                 if last is None:
-                    return Outcome(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
+                    return Outcome.never_sent()
                 last.stop = StopReason.BREAKER  # opened during the wait: the last answer stands
                 outcome, last = last, None
                 return outcome

@@ -17,14 +17,13 @@ from yarl import URL
 from . import attempt
 from .backoff import Random
 from .body import BodyError, RequestBody, Upload, read_body
-from .classify import Category, Verdict
+from .classify import Category
 from .config import ProxyConfig
 from .errors import BAD_TARGET, BAD_VERSION, BODY_TIMEOUT, INCOMPLETE_BODY, ProxyError, circuit_open, upstream_failure
 from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
 from .policy import RoutePolicy, compile_routes
 from .relay import Delivery, deliver, send_error
-from .retry import StopReason
 from .upstream import UpstreamClient, UrlCache
 
 
@@ -69,7 +68,7 @@ class Forwarder:
                 outcome = await attempt.run(self.client, route, ex, self._emit,
                                             clock=self._clock, rng=self._rng, sleep=self._sleep)
             else:
-                outcome = attempt.Outcome(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
+                outcome = attempt.Outcome.never_sent()
             extra = _coordination_headers(outcome, route)
             ttfb = self._clock() - start
             if outcome.verdict.category is Category.CIRCUIT_OPEN:
