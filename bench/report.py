@@ -97,7 +97,7 @@ def errors_note(records) -> str:
 def report_core(d) -> None:
     rec = d["records"]
     rows = []
-    for t in ("ref", "ours", "ours_aiohttp", "obs_none", "obs_metrics", "obs_logs"):
+    for t in ("ref", "ours", "obs_none", "obs_metrics", "obs_logs"):
         rs = by(rec, **{"pass": "tput10", "target": t})
         rows.append([t, mmm(vals(rs, "rps"), ".0f"), mmm(vals(rs, "cpu_us"), ".1f"),
                      mmm(vals(rs, "p50"), ".3f"), mmm(vals(rs, "p99"), ".3f"), mmm(vals(rs, "cores"), ".2f")])
@@ -164,16 +164,6 @@ def report_core(d) -> None:
         goal("6", "info", f"logging + metrics cost {dm:.1f} µs CPU/request at c=10 ({dm / none_cpu * 100:.0f} % over "
              f"{none_cpu:.1f} µs without them); metrics {med(paired(rec, 'tput10', 'obs_metrics', 'obs_none', 'cpu_us', DIFF)):.1f}, "
              f"log lines {med(paired(rec, 'tput10', 'obs_logs', 'obs_none', 'cpu_us', DIFF)):.1f}")
-    fa = paired(rec, "tput10", "ours", "ours_aiohttp", "rps", RATIO)
-    fc = paired(rec, "tput10", "ours", "ours_aiohttp", "cpu_us", RATIO)
-    table("upstream.client fast vs aiohttp (c=10, same run)", ["", "req/s", "CPU µs/req"],
-          [["fast (default)", mmm(vals(by(rec, **{"pass": "tput10", "target": "ours"}), "rps"), ".0f"),
-            mmm(vals(by(rec, **{"pass": "tput10", "target": "ours"}), "cpu_us"), ".1f")],
-           ["aiohttp", mmm(vals(by(rec, **{"pass": "tput10", "target": "ours_aiohttp"}), "rps"), ".0f"),
-            mmm(vals(by(rec, **{"pass": "tput10", "target": "ours_aiohttp"}), "cpu_us"), ".1f")],
-           ["fast / aiohttp", mmm(fa, ".3f"), mmm(fc, ".3f")]])
-    if fa:
-        goal("8", "info", f"upstream.client fast/aiohttp at c=10: req/s {mmm(fa, '.3f')}, CPU µs/req {mmm(fc, '.3f')}")
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -239,7 +229,7 @@ def report_memory(d, plots: Path) -> None:
             if t != "mem_ref" and kind != "resource tracker":
                 worst = max(worst, v, v2)
     table("RSS per process, MiB: idle after start, and idle again 2 s after 3 s of c=64 load", ["target", "process",
-          "idle", "after load"], rows, "mem_ours: `python -m proxy`; mem_aiohttp: upstream.client aiohttp; mem_ref: "
+          "idle", "after load"], rows, "mem_ours: `python -m proxy`; mem_ref: "
           "bench/ref_proxy.py; mem_w2: `--workers 2` (a supervisor, two workers and multiprocessing's resource tracker).")
     goal("4a", "met" if worst <= 60 else "MISSED", f"idle RSS per process (goal <= 60 MB): largest {worst:.1f} MiB")
     dl = d["download"]
@@ -256,8 +246,7 @@ def report_memory(d, plots: Path) -> None:
           "loads the sparse file into the page cache).")
     ours = next(x for x in dl if x["target"] == "mem_ours")
     goal("4b", "met" if ours["growth_mb"] < 16 and ours["ok"] else "MISSED",
-         f"RSS growth relaying {ours['size'] // 2**20} MiB (goal < 16 MB): {ours['growth_mb']:.1f} MiB "
-         f"(aiohttp client {next(x for x in dl if x['target'] == 'mem_aiohttp')['growth_mb']:.1f})")
+         f"RSS growth relaying {ours['size'] // 2**20} MiB (goal < 16 MB): {ours['growth_mb']:.1f} MiB")
     ss = d["sse_streams"]
     x0 = ss[0]
     table(f"{x0['streams']} concurrent SSE streams, one event every {x0['gap_ms']} ms, {x0['events_per_stream']} events each",

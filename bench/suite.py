@@ -6,8 +6,7 @@ usage: python bench/suite.py [--out DIR] [--rev REV] [--quick] PART [PART ...]
 
   core     goals 1, 2, 6, 8: req/s + CPU us/request of ours vs the reference (bench/ref_proxy.py)
            at c=10 and c=64; added p50 at c=1 vs direct; first SSE chunk added (bench/ttfb.py);
-           observers all/none/metrics/logs (bench/run_proxy.py BENCH_OBSERVERS); upstream.client
-           fast vs aiohttp. All targets interleaved round by round (the order rotates).
+           observers all/none/metrics/logs (bench/run_proxy.py BENCH_OBSERVERS). All targets interleaved round by round (the order rotates).
   workers  goal 3: --workers 2 vs one process at c=64 (wrk -t2, NOT pinned: the workers need both
            cores), and the supervisor's /metrics summed over the workers vs what wrk completed.
   memory   goal 4: idle RSS per process; RSS while relaying a 1 GiB download (sparse file served by
@@ -401,12 +400,11 @@ def part_core(ctx: Ctx) -> None:
     R, D = ctx.rounds(5), ctx.dur(3)
     ctx.ref("ref", 28090, NGINX)
     ctx.ours("ours", 28091, NGINX)
-    ctx.ours("ours_aiohttp", 28092, NGINX, config_extra="upstream:\n  client: aiohttp\n")
     for i, which in enumerate(("none", "metrics", "logs")):
         ctx.ours(f"obs_{which}", 28093 + i, NGINX, runner="bench", env={"BENCH_OBSERVERS": which})
     ctx.ref("ref_sse", 28096, f"http://127.0.0.1:{SLOW_SSE_PORT}")
     ctx.ours("ours_sse", 28097, f"http://127.0.0.1:{SLOW_SSE_PORT}")
-    tput = ["ref", "ours", "ours_aiohttp", "obs_none", "obs_metrics", "obs_logs"]
+    tput = ["ref", "ours", "obs_none", "obs_metrics", "obs_logs"]
     for t in tput:
         sanity(ctx, t)
     for r in range(1, R + 1):
@@ -697,11 +695,10 @@ def part_memory(ctx: Ctx) -> None:
     zeros_sha256(SPARSE["sparse-1g"])
     zeros_sha256(SPARSE["sparse-256m"])
     ctx.ours("mem_ours", 28110, NGINX)
-    ctx.ours("mem_aiohttp", 28111, NGINX, config_extra="upstream:\n  client: aiohttp\n")
     ctx.ref("mem_ref", 28112, NGINX)
     ctx.ours("mem_w2", 28113, NGINX, args=("--workers", "2"))
     wait_ready(29113)
-    targets = ["mem_ours", "mem_aiohttp", "mem_ref", "mem_w2"]
+    targets = ["mem_ours", "mem_ref", "mem_w2"]
     time.sleep(2.0)
     idle = {t: rss_snapshot(ctx, t) for t in targets}
     for t in targets:
@@ -719,17 +716,16 @@ def part_memory(ctx: Ctx) -> None:
         d["ok"] = d.pop("sha256") == zeros_sha256(SPARSE[big]) and d["complete"]
         d["mb_per_s"] = SPARSE[big] / 2**20 / d["seconds"]
     log(f"download {big} direct from nginx: {[round(d['mb_per_s']) for d in direct]} MiB/s")
-    dl = [download_test(ctx, t, big) for t in ("mem_ours", "mem_aiohttp", "mem_ref")]
+    dl = [download_test(ctx, t, big) for t in ("mem_ours", "mem_ref")]
     slow = [slow_reader_test(ctx, t, read_s=2 if ctx.quick else 10, stall_s=2 if ctx.quick else 5)
-            for t in ("mem_ours", "mem_aiohttp", "mem_ref")]
-    for t in ("mem_ours", "mem_aiohttp", "mem_ref"):
+            for t in ("mem_ours", "mem_ref")]
+    for t in ("mem_ours", "mem_ref"):
         ctx.procs.stop(t)
     stalled = []
     timeouts = "defaults:\n  timeouts: {idle: 2s, total: 5s}\n"
-    for t, extra in (("stall_ours", ""), ("stall_aiohttp", "upstream:\n  client: aiohttp\n")):
-        ctx.ours(t, 28115 if t == "stall_ours" else 28116, NGINX, config_extra=timeouts + extra)
-        stalled.append(stalled_reader_test(ctx, t, 5.0, 7.0 if ctx.quick else 12.0))
-        ctx.procs.stop(t)
+    ctx.ours("stall_ours", 28115, NGINX, config_extra=timeouts)
+    stalled.append(stalled_reader_test(ctx, "stall_ours", 5.0, 7.0 if ctx.quick else 12.0))
+    ctx.procs.stop("stall_ours")
     ctx.ours("mem_sse_ours", 28114, SSE_UP)
     ctx.ref("mem_sse_ref", 28117, SSE_UP)
     for t in ("mem_sse_ours", "mem_sse_ref"):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
 from .config import ProxyConfig
@@ -58,10 +58,11 @@ def _observer_failed(exc: BaseException) -> None:
     logging.getLogger("openai_resilience_proxy").error("an observer failed", exc_info=exc)
 
 
-class _RequestHandler(RequestHandler):  # type: ignore[type-arg]
+class _RequestHandler(web.RequestHandler):  # type: ignore[type-arg]
     """aiohttp's own error answers (a request it cannot parse, 400; a handler crash, 500) quote the
     offending request line or header, which may hold an API key: answer with a fixed OpenAI-shaped
-    error instead, naming only the kind of problem."""
+    error instead, naming only the kind of problem. aiohttp has no documented hook for these
+    answers; `handle_error` is the exported class's public method, and tests pin what it does."""
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -77,8 +78,14 @@ class _RequestHandler(RequestHandler):  # type: ignore[type-arg]
 
 
 class _Server(web.Server):
-    def __call__(self) -> RequestHandler:  # type: ignore[type-arg]
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)  # as web.Server.__call__ does
+    """web.Server (a documented protocol factory) whose connections answer errors as above."""
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.handler_options = {k: v for k, v in kwargs.items() if k != "handler_cancellation"}
+
+    def __call__(self) -> web.RequestHandler:  # type: ignore[type-arg]
+        return _RequestHandler(self, loop=asyncio.get_running_loop(), **self.handler_options)
 
 
 class TrafficServer:

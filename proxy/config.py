@@ -110,7 +110,6 @@ class Admin(_Section):
 class Upstream(_Section):
     url: HttpUrl = BUILTIN
     max_connections: PositiveInt = BUILTIN
-    client: Literal["fast", "aiohttp"] = BUILTIN
 
 
 class Timeouts(_Section):

@@ -850,27 +850,14 @@ class MockUpstream:
         transport.write(step.data)
         if step.then == "hold":
             await self._pause(step.seconds, step.gate)
-        await self._abort(ex, clean=step.then == "close")
+        await self._abort(ex)
 
-    async def _abort(self, ex: _Exchange, *, clean: bool = False) -> None:
-        """Abort the connection (or close it: ``clean``), but only after bytes already written reached the socket.
-
-        ``transport.abort()`` discards asyncio's write buffer, which would make a CutBody send
-        fewer bytes than asked.  A zero high-water mark pauses the protocol while anything is
-        buffered; aiohttp's drain helper resumes once it is flushed.
-        """
+    async def _abort(self, ex: _Exchange) -> None:
+        """Cut the connection once the bytes already written are out: ``transport.close()`` flushes
+        asyncio's write buffer first (``abort()`` would discard it and send fewer bytes than asked)."""
         ex.aborted = True
-        transport = ex.request.transport
-        if transport is None:
-            return
-        if transport.get_write_buffer_size():
-            transport.set_write_buffer_limits(high=0)
-            with contextlib.suppress(ConnectionError):
-                await ex.request.protocol._drain_helper()
-        if clean:
-            transport.close()  # FIN once the buffer is out; nothing more will be written
-        else:
-            transport.abort()
+        if ex.request.transport is not None:
+            ex.request.transport.close()
 
     async def _write(self, ex: _Exchange, resp: web.StreamResponse, piece: bytes) -> bool:
         """Write one piece, honouring a CutBody budget; False once the connection was cut."""
@@ -941,7 +928,7 @@ class MockUpstream:
             await self._abort(ex)
             return resp
         if isinstance(step, OverLength) and reply.length is not None:
-            await self._abort(ex, clean=True)  # an orderly close, short of the announced length
+            await self._abort(ex)  # an orderly close, short of the announced length
             return resp
         if isinstance(step, HoldEnd):
             await self._pause(step.seconds, step.gate)

@@ -1,10 +1,6 @@
-"""The upstream side: one pooled client per process and one attempt at a time.
-
-Two interchangeable clients (`upstream.client`): `fast`, the Pool here of proxy.client connections
-(keep-alive HTTP/1.1 on an asyncio Protocol and httptools' llhttp parser, public APIs only), and
-`aiohttp` (ClientSession, the fallback). No retry logic lives here. Neither decompresses (bodies pass
-byte-identical), keeps cookies (aiohttp's default jar would replay one client's Set-Cookie on another
-client's request), follows redirects, or adds User-Agent/Accept/Accept-Encoding/Content-Type headers.
+"""The upstream side: one pool of keep-alive HTTP/1.1 connections (proxy.client) per process, one
+attempt at a time. No retry logic lives here. Bodies pass byte-identical (nothing is decompressed),
+and nothing is added: no cookies, redirects, User-Agent, Accept or Content-Type.
 """
 
 from __future__ import annotations
@@ -27,29 +23,12 @@ from .client import EMPTY, Body, Connection, Response, request_head
 from .config import ProxyConfig, Timeouts
 from .headers import Headers
 
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _SMALL_WRITE = 2**16  # a bytes body up to this goes out in the head's write
 _DNS_TTL = 10.0  # seconds, as aiohttp's TCPConnector
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 _UNREACHABLE = ((ssl.SSLCertVerificationError, "its TLS certificate could not be verified"),
                 (ssl.SSLError, "the TLS handshake failed"), (socket.gaierror, "its host name could not be resolved"),
                 (ConnectionRefusedError, "the connection was refused"), (OSError, "the connection could not be established"))
-
-
-def create_session(config: ProxyConfig) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=config.upstream.max_connections, limit_per_host=0, keepalive_timeout=60,
-        enable_cleanup_closed=False,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        skip_auto_headers=_SKIP_AUTO_HEADERS,
-        timeout=aiohttp.ClientTimeout(total=None),
-        raise_for_status=False,
-        trust_env=False,
-    )
 
 
 class Pool:
@@ -229,32 +208,13 @@ class Pool:
         await asyncio.sleep(0)  # let the transports report connection_lost
 
 
-class SessionClient:
-    """ClientSession behind the same two calls as Pool."""
-
-    __slots__ = ("_session",)
-
-    def __init__(self, config: ProxyConfig) -> None:
-        self._session = create_session(config)
-
-    async def request(self, method: str, url: URL, headers: Headers, data: bytes | AsyncIterator[bytes] | None,
-                      timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-        return await self._session.request(method, url, headers=headers, data=data, allow_redirects=False,
-                                           timeout=timeout)
-
-    async def close(self) -> None:
-        await self._session.close()
+UpstreamClient = Pool
+UpstreamResponse = Response
 
 
-UpstreamClient = Pool | SessionClient
-UpstreamResponse = Response | aiohttp.ClientResponse
-
-
-def create_client(config: ProxyConfig) -> UpstreamClient:
-    """Inside the running loop (the app's cleanup_ctx): both clients bind to it."""
-    if config.upstream.client == "fast":
-        return Pool(config.upstream.url, max_connections=config.upstream.max_connections)
-    return SessionClient(config)
+def create_client(config: ProxyConfig) -> Pool:
+    """Inside the running loop (the app's cleanup_ctx): the pool binds to it."""
+    return Pool(config.upstream.url, max_connections=config.upstream.max_connections)
 
 
 def client_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
@@ -289,18 +249,5 @@ class UrlCache:
 
 
 def switch_to_idle_timeout(resp: UpstreamResponse, idle: float) -> None:
-    """After the headers, "no bytes for `idle`" replaces "no headers for `first_byte`".
-
-    proxy.client has a public switch. ClientSession has one sock_read per request and no public
-    way to change it: its ResponseHandler's read_timeout setter and start_timeout() (aiohttp 3.x)
-    are used when present; an aiohttp without them keeps first_byte as the idle bound.
-    """
-    if isinstance(resp, Response):
-        resp.set_read_timeout(idle)
-        return
-    conn = resp.connection
-    proto = conn.protocol if conn is not None else None
-    if proto is None or not hasattr(proto, "start_timeout"):
-        return  # the body has been read whole already, or an aiohttp without the switch
-    proto.read_timeout = idle
-    proto.start_timeout()
+    """After the headers, "no bytes for `idle`" replaces "no headers for `first_byte`"."""
+    resp.set_read_timeout(idle)

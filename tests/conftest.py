@@ -182,23 +182,15 @@ def recorder() -> Recorder:
     return Recorder()
 
 
-@pytest.fixture(params=["fast", "aiohttp"])
-def upstream_client(request: pytest.FixtureRequest) -> str:
-    """Every test of an in-process proxy runs against both upstream clients (upstream.client)."""
-    return str(request.param)
-
-
 @pytest.fixture
-async def start_proxy(tmp_path: Path, mock: MockUpstream, recorder: Recorder, leaks: LeakCheck,
-                      upstream_client: str) -> AsyncIterator[ProxyFactory]:
+async def start_proxy(tmp_path: Path, mock: MockUpstream, recorder: Recorder, leaks: LeakCheck) -> AsyncIterator[ProxyFactory]:
     """Start the traffic app in this event loop on an ephemeral port; upstream defaults to the mock.
 
     Every event goes to `recorder`; `options` inject the forwarder's clock, rng or sleep."""
     servers: list[TrafficServer] = []
 
     async def start(extra: dict[str, Any] | None = None, upstream: str | None = None, **options: Any) -> RunningProxy:
-        path = write_config(tmp_path, upstream or mock.url, _deep_merge({"upstream": {"client": upstream_client}},
-                                                                        extra or {}))
+        path = write_config(tmp_path, upstream or mock.url, extra or {})
         config = cfg.load(str(path))
         configure_logs(config.log.level, config.log.format)
         registry = CollectorRegistry()
