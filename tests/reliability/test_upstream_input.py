@@ -7,7 +7,6 @@ bodies, and redirects (passed through to the client, never followed).
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import openai
@@ -46,7 +45,6 @@ async def test_garbage_instead_of_http_is_invalid_response(start_proxy, mock: Mo
     async with _sdk(proxy) as client:
         for name, data in GARBAGE:
             mock.script("/v1/chat/completions", Raw(data, then=then, seconds=30))
-            began = time.monotonic()
             with pytest.raises(openai.APIStatusError) as info:
                 async with asyncio.timeout(BOUND):
                     await client.chat.completions.create(**CHAT)
@@ -54,7 +52,6 @@ async def test_garbage_instead_of_http_is_invalid_response(start_proxy, mock: Mo
             assert (err.status_code, err.code) == (502, "invalid_upstream_response"), name
             assert err.response.headers["x-proxy-error"] == "invalid_upstream_response"
             assert "sent a response the proxy could not read" in err.message, name
-            assert time.monotonic() - began < 1.5, f"{name}: {time.monotonic() - began:.2f} s"
             assert recorder.requests[-1].category == "invalid_response", name
             assert recorder.requests[-1].attempts == 1  # invalid_response is not retried by default
 
@@ -81,14 +78,12 @@ async def test_small_body_that_never_ends_times_out_with_504(start_proxy, mock: 
     proxy = await start_proxy(TIMEOUTS)
     partial = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"partial":'
     mock.script("/v1/chat/completions", *[Raw(partial, then="hold", gate="never")] * 3)
-    began = time.monotonic()
     async with _sdk(proxy) as client:
         with pytest.raises(openai.APIStatusError) as info:
             async with asyncio.timeout(BOUND):
                 await client.chat.completions.create(**CHAT)
     assert (info.value.status_code, info.value.code) == (504, "upstream_timeout")
-    assert time.monotonic() - began < 3
-    assert [a.category for a in recorder.attempts] == ["timeout"] * 3
+    assert [a.category for a in recorder.attempts] == ["timeout"] * 3  # each ended by first_byte, not total
     chats = mock.requests_to("/v1/chat/completions")
     await asyncio.wait_for(asyncio.gather(*(r.cancelled.wait() for r in chats)), 5)  # each one hung up
 
@@ -97,7 +92,8 @@ async def test_small_body_that_never_ends_times_out_with_504(start_proxy, mock: 
 async def test_streamed_body_that_never_ends_is_aborted_at_idle(start_proxy, mock: MockUpstream, recorder, framing):
     """After the commit the idle timeout ends it: the client's connection is cut (it can tell), the
     category is timeout, and the upstream connection is dropped."""
-    proxy = await start_proxy(TIMEOUTS)
+    # total far beyond BOUND: only the idle timeout can end the stream in time
+    proxy = await start_proxy({"defaults": {"timeouts": {**TIMEOUTS["defaults"]["timeouts"], "total": "10m"}}})
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
     data = {
         "chunked": head + b"Transfer-Encoding: chunked\r\n\r\n" + b"10000\r\n" + b"x" * 0x10000 + b"\r\n",
@@ -105,14 +101,12 @@ async def test_streamed_body_that_never_ends_is_aborted_at_idle(start_proxy, moc
         "long Content-Length": head + b"Content-Length: 10000000\r\n\r\n" + b"x" * 70_000,
     }[framing]
     mock.script("/v1/files/file-1/content", Raw(data, then="hold", gate="never"))
-    began = time.monotonic()
     async with aiohttp.ClientSession() as s:
         async with s.get(proxy.url + "/v1/files/file-1/content", headers=AUTH) as r:
             assert r.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 async with asyncio.timeout(BOUND):
                     await r.read()
-    assert time.monotonic() - began < 3
     assert recorder.requests[-1].category == "timeout" and recorder.requests[-1].aborted
     await asyncio.wait_for(mock.requests_to("/v1/files/file-1/content")[0].cancelled.wait(), 5)
 
