@@ -43,13 +43,10 @@ def _fold(src: tuple[float, ...], dst: tuple[float, ...]) -> list[tuple[int, int
 
 
 def combine(snapshots: Iterable[tuple[Snapshot, bool]]) -> Combined:
-    """Sum (snapshot, live) pairs by route name into one block per route.
-
-    A dead worker's counters and histograms still count (they happened), its gauges do not:
-    in-flight is summed over live workers, the breaker is the worst of them, a rate-limit reading
-    the newest of them. Files that disagree on bucket bounds (a worker restarted with another
-    config) are rendered with the bounds all of them have: the counts stay exact.
-    """
+    """Sum (snapshot, live) pairs by route name into one block per route. A dead worker's counters
+    and histograms still count (they happened), its gauges do not: in-flight is summed over the
+    live, the breaker is the worst of them, a rate-limit reading the newest. Files that disagree on
+    bucket bounds (a worker restarted with another config) are rendered with the bounds all have."""
     snaps = list(snapshots)
     bounds = tuple(sorted(set.intersection(*(set(s.bounds) for s, _ in snaps)))) if snaps else ()
     out: dict[str, list[float]] = {}

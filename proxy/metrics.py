@@ -75,9 +75,8 @@ FAMILIES = (REQUESTS, ERRORS, ATTEMPTS, RETRIES, STOPS, RETRY_SUCCESSES, BREAKER
 
 
 def bucket_bounds(longest_total: float) -> tuple[float, ...]:
-    """The ladder up to its first bound >= the longest total timeout, so every request that ends
-    within its deadline lands in a finite bucket. Past the ladder's end, the total itself is the
-    last bound."""
+    """The ladder up to its first bound >= the longest total timeout, so a request that ends within
+    its deadline lands in a finite bucket; past the ladder's end, the total itself is the last bound."""
     for i, bound in enumerate(LADDER):
         if bound >= longest_total:
             return LADDER[:i + 1]
