@@ -13,15 +13,16 @@ from typing import NamedTuple
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from . import __version__, metrics as m
+from . import __version__, metrics
 from .metrics import HEAD, OFF, MetricsStore, Snapshot, block_size, hist_size, read_snapshot
 
 _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
-_LABELLED = ((m.REQUESTS, "requests", m.STATUS_CLASSES), (m.ERRORS, "errors", m.ERROR_CATEGORIES),
-             (m.ATTEMPTS, "attempts", m.ATTEMPT_CATEGORIES), (m.RETRIES, "retries", m.ATTEMPT_CATEGORIES),
-             (m.STOPS, "stops", m.STOP_REASONS))
-_REMAINING = ((m.REMAINING_REQUESTS, OFF["remaining_requests"], OFF["remaining_requests_at"]),
-              (m.REMAINING_TOKENS, OFF["remaining_tokens"], OFF["remaining_tokens_at"]))
+_LABELLED = ((metrics.REQUESTS, "requests", metrics.STATUS_CLASSES),
+             (metrics.ERRORS, "errors", metrics.ERROR_CATEGORIES),
+             (metrics.ATTEMPTS, "attempts", metrics.ATTEMPT_CATEGORIES),
+             (metrics.RETRIES, "retries", metrics.ATTEMPT_CATEGORIES), (metrics.STOPS, "stops", metrics.STOP_REASONS))
+_REMAINING = ((metrics.REMAINING_REQUESTS, OFF["remaining_requests"], OFF["remaining_requests_at"]),
+              (metrics.REMAINING_TOKENS, OFF["remaining_tokens"], OFF["remaining_tokens_at"]))
 _USED, _IN_FLIGHT, _BREAKER = OFF["used"], OFF["in_flight"], OFF["breaker"]
 
 
@@ -39,7 +40,7 @@ def _fold(src: tuple[float, ...], dst: tuple[float, ...]) -> list[tuple[int, int
     hist = [0] + [1 + bisect_left(dst, bound) for bound in (*src, math.inf)]
     return [(k, k) for k in range(_IN_FLIGHT)] + [
         (HEAD + o * hist_size(src) + i, HEAD + o * hist_size(dst) + t)
-        for o in range(len(m.OUTCOMES)) for i, t in enumerate(hist)]
+        for o in range(len(metrics.OUTCOMES)) for i, t in enumerate(hist)]
 
 
 def combine(snapshots: Iterable[tuple[Snapshot, bool]]) -> Combined:
@@ -69,14 +70,14 @@ def families(combined: Combined) -> list[Metric]:
     """The contract's families. Every route shows its breaker, in-flight and transitions; one that has
     had a request every other counter series (zeros too, so a first error is a rate, not a new
     series) and both outcomes of its histogram; a rate-limit gauge once the upstream has sent it."""
-    out = {fam: _KINDS[fam.kind](fam.name, fam.help, labels=fam.labels) for fam in m.FAMILIES}
-    out[m.BUILD_INFO].add_metric([__version__], 1)
+    out = {fam: _KINDS[fam.kind](fam.name, fam.help, labels=fam.labels) for fam in metrics.FAMILIES}
+    out[metrics.BUILD_INFO].add_metric([__version__], 1)
     le = [floatToGoString(b) for b in combined.bounds] + ["+Inf"]
     for name, c in combined.routes.items():
-        out[m.BREAKER].add_metric([name], c[_BREAKER])
-        out[m.IN_FLIGHT].add_metric([name], c[_IN_FLIGHT])
-        for i, to in enumerate(m.TRANSITION_STATES):
-            out[m.TRANSITIONS].add_metric([name, to], c[OFF["transitions"] + i])
+        out[metrics.BREAKER].add_metric([name], c[_BREAKER])
+        out[metrics.IN_FLIGHT].add_metric([name], c[_IN_FLIGHT])
+        for i, to in enumerate(metrics.TRANSITION_STATES):
+            out[metrics.TRANSITIONS].add_metric([name, to], c[OFF["transitions"] + i])
         for fam, value, at in _REMAINING:
             if c[at] > 0:
                 out[fam].add_metric([name], c[value])
@@ -85,10 +86,10 @@ def families(combined: Combined) -> list[Metric]:
         for fam, key, values in _LABELLED:
             for i, v in enumerate(values):
                 out[fam].add_metric([name, v], c[OFF[key] + i])
-        out[m.RETRY_SUCCESSES].add_metric([name], c[OFF["retry_successes"]])
-        for o, outcome in enumerate(m.OUTCOMES):
+        out[metrics.RETRY_SUCCESSES].add_metric([name], c[OFF["retry_successes"]])
+        for o, outcome in enumerate(metrics.OUTCOMES):
             h = HEAD + o * hist_size(combined.bounds)
-            out[m.DURATION].add_metric([name, outcome], list(zip(le, accumulate(c[h + 1:h + 1 + len(le)]))), c[h])
+            out[metrics.DURATION].add_metric([name, outcome], list(zip(le, accumulate(c[h + 1:h + 1 + len(le)]))), c[h])
     return list(out.values())
 
 
