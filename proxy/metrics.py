@@ -1,19 +1,9 @@
 """Prometheus metrics: names, types and labels exactly as design.md's contract table.
 
-The hot path never touches prometheus-client. Each process keeps its counters in one flat array
-of doubles (a memory map): a request costs a few index increments, no lock and no label lookup.
-A route's block is a fixed set of slots, so a route costs nothing until its first request, and a
-scrape renders only routes that have seen traffic (plus the breaker and in-flight gauges, which
-every route shows from the start). prometheus-client still renders the exposition text: the
-collectors of proxy.exposition turn a snapshot of the array into its metric families.
-
-With --workers N each worker's array is a file in a private directory; the supervisor's
-`DirectoryCollector` sums them (counters of dead workers included, gauges of live ones only), the
-equivalent of prometheus-client's multiprocess mode at a fraction of its cost per increment.
-
-The duration histogram's bucket bounds depend on the config (they reach its longest total
-timeout), so each store writes its bounds into its file next to the route names, and the
-supervisor renders every file with the bounds all files share (proxy.exposition.combine).
+The hot path never touches prometheus-client: each process keeps its values in one flat array of
+doubles (a memory map), so a request costs a few index increments, no lock and no label lookup.
+Under --workers the array is a file the supervisor sums (proxy.exposition renders them), like
+prometheus-client's multiprocess mode at a fraction of its cost per increment.
 """
 
 from __future__ import annotations
@@ -26,6 +16,7 @@ import struct
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import NamedTuple
 
 from .classify import Category
@@ -84,9 +75,8 @@ FAMILIES = (REQUESTS, ERRORS, ATTEMPTS, RETRIES, STOPS, RETRY_SUCCESSES, BREAKER
 
 
 def bucket_bounds(longest_total: float) -> tuple[float, ...]:
-    """The ladder up to its first bound >= the longest total timeout, so every request that ends
-    within its deadline lands in a finite bucket. Past the ladder's end, the total itself is the
-    last bound."""
+    """The ladder up to its first bound >= the longest total timeout, so a request that ends within
+    its deadline lands in a finite bucket; past the ladder's end, the total itself is the last bound."""
     for i, bound in enumerate(LADDER):
         if bound >= longest_total:
             return LADDER[:i + 1]
@@ -96,52 +86,24 @@ def bucket_bounds(longest_total: float) -> tuple[float, ...]:
 DEFAULT_BUCKETS = bucket_bounds(900.0)  # the built-in total timeout
 
 
-# ---- one route's block of slots (pure layout) ----------------------------------------------------
-#
-# A fixed head (counters, then gauges), then one histogram per outcome: [sum, bucket 0 .. bucket n],
-# n = len(bounds), the last bucket +Inf. Only the histograms' size depends on the bounds.
-
-def _layout() -> tuple[dict[str, int], int]:
-    sizes = [("used", 1), ("requests", len(STATUS_CLASSES)), ("errors", len(ERROR_CATEGORIES)),
-             ("attempts", len(ATTEMPT_CATEGORIES)), ("retries", len(ATTEMPT_CATEGORIES)),
-             ("stops", len(STOP_REASONS)), ("retry_successes", 1), ("transitions", len(TRANSITION_STATES)),
-             ("in_flight", 1), ("breaker", 1), ("remaining_requests", 1), ("remaining_requests_at", 1),
-             ("remaining_tokens", 1), ("remaining_tokens_at", 1)]
-    offsets, off = {}, 0
-    for name, n in sizes:
-        offsets[name] = off
-        off += n
-    return offsets, off
-
-
-_OFF, HEAD = _layout()
-_USED, _IN_FLIGHT, _BREAKER = (_OFF[k] for k in ("used", "in_flight", "breaker"))
-_RETRY_SUCCESSES, _TRANSITIONS = _OFF["retry_successes"], _OFF["transitions"]
-_REM_REQ, _REM_REQ_AT = _OFF["remaining_requests"], _OFF["remaining_requests_at"]
-_REM_TOK, _REM_TOK_AT = _OFF["remaining_tokens"], _OFF["remaining_tokens_at"]
-_REQUESTS = {c: _OFF["requests"] + i for i, c in enumerate(STATUS_CLASSES)}
-_REQUESTS_BY_CODE = tuple(_REQUESTS[c] for c in _STATUS_CLASS)
-_ERRORS = {Category(c): _OFF["errors"] + i for i, c in enumerate(ERROR_CATEGORIES)}
-_ATTEMPTS = {Category(c): _OFF["attempts"] + i for i, c in enumerate(ATTEMPT_CATEGORIES)}
-_RETRIES = {Category(c): _OFF["retries"] + i for i, c in enumerate(ATTEMPT_CATEGORIES)}
-_STOPS = {r: _OFF["stops"] + i for i, r in enumerate(STOP_REASONS)}
-_HIST_OK = HEAD  # the ok histogram; the error one follows it at HEAD + hist_size(bounds)
-
-
-class Layout(NamedTuple):
-    """Where a reader of a block finds each value (proxy.exposition renders them)."""
-
-    offsets: dict[str, int]
-    used: int
-    in_flight: int
-    breaker: int
-    transitions: int
-    retry_successes: int
-    remaining: tuple[tuple[int, int], ...]  # (value, when it was read) for requests, then tokens
-
-
-SLOTS = Layout(_OFF, _USED, _IN_FLIGHT, _BREAKER, _TRANSITIONS, _RETRY_SUCCESSES,
-               ((_REM_REQ, _REM_REQ_AT), (_REM_TOK, _REM_TOK_AT)))
+# A route's block of slots: a fixed head (the counters, then the gauges), then one histogram per outcome:
+# [sum, bucket 0 .. bucket n], n = len(bounds), the last bucket +Inf. Only the histograms depend on the bounds.
+_SIZES = {"used": 1, "requests": len(STATUS_CLASSES), "errors": len(ERROR_CATEGORIES),
+          "attempts": len(ATTEMPT_CATEGORIES), "retries": len(ATTEMPT_CATEGORIES), "stops": len(STOP_REASONS),
+          "retry_successes": 1, "transitions": len(TRANSITION_STATES), "in_flight": 1, "breaker": 1,
+          "remaining_requests": 1, "remaining_requests_at": 1, "remaining_tokens": 1, "remaining_tokens_at": 1}
+OFF = dict(zip(_SIZES, accumulate(_SIZES.values(), initial=0)))  # where each part of the head starts
+HEAD = sum(_SIZES.values())
+_USED, _IN_FLIGHT, _BREAKER = OFF["used"], OFF["in_flight"], OFF["breaker"]
+_RETRY_SUCCESSES, _TRANSITIONS = OFF["retry_successes"], OFF["transitions"]
+_REM_REQ, _REM_REQ_AT = OFF["remaining_requests"], OFF["remaining_requests_at"]
+_REM_TOK, _REM_TOK_AT = OFF["remaining_tokens"], OFF["remaining_tokens_at"]
+_ABORTED = OFF["requests"] + STATUS_CLASSES.index("aborted")
+_REQUESTS_BY_CODE = tuple(OFF["requests"] + STATUS_CLASSES.index(c) for c in _STATUS_CLASS)
+_ERRORS = {Category(c): OFF["errors"] + i for i, c in enumerate(ERROR_CATEGORIES)}
+_ATTEMPTS = {Category(c): OFF["attempts"] + i for i, c in enumerate(ATTEMPT_CATEGORIES)}
+_RETRIES = {Category(c): OFF["retries"] + i for i, c in enumerate(ATTEMPT_CATEGORIES)}
+_STOPS = {r: OFF["stops"] + i for i, r in enumerate(STOP_REASONS)}
 
 
 def hist_size(bounds: Sequence[float]) -> int:
@@ -151,8 +113,6 @@ def hist_size(bounds: Sequence[float]) -> int:
 def block_size(bounds: Sequence[float]) -> int:
     return HEAD + len(OUTCOMES) * hist_size(bounds)
 
-
-# ---- the store: a process's array, anonymous or a file ------------------------------------------
 
 _MAGIC = b"ORPM2\x00\x00\x00"
 _FILE_HEAD = struct.Struct("<8sQ")  # magic, length of the JSON that follows: {"routes": [...], "buckets": [...]}
@@ -166,36 +126,29 @@ def _check_bounds(bounds: Sequence[float]) -> tuple[float, ...]:
 
 
 class MetricsStore:
-    """One process's metric values: `slots[base(route) + offset]` are plain doubles.
-
-    Anonymous memory in a single process; a file in `directory` (named by pid) under --workers, so
-    the supervisor can read it. The file starts with the route names and the histogram's bucket
-    bounds, so a worker restarted with a different config is still summed by name and rendered
-    with its own bounds. Untouched pages cost no memory.
-    """
+    """One process's metric values, `slots[base[route] + offset]`: anonymous memory, or under
+    --workers a file in `directory` named by pid. The file starts with the route names and bucket
+    bounds, so workers of different configs still add up by name. Untouched pages cost no memory."""
 
     def __init__(self, routes: Sequence[str], directory: str | None = None, *,
                  buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
         self.routes = tuple(dict.fromkeys(routes))
         self.bounds = _check_bounds(buckets)
-        self.block = block_size(self.bounds)
-        self.base = {name: i * self.block for i, name in enumerate(self.routes)}
-        header = json.dumps({"routes": self.routes, "buckets": self.bounds}).encode()
-        start = -(-(_FILE_HEAD.size + len(header)) // 8) * 8  # the doubles start 8-byte aligned
-        size = start + 8 * self.block * max(len(self.routes), 1)
-        self.path: str | None = None
+        block = block_size(self.bounds)
+        self.base = {name: i * block for i, name in enumerate(self.routes)}
+        meta = json.dumps({"routes": self.routes, "buckets": self.bounds}).encode()
+        meta += b" " * (-len(meta) % 8)  # so the doubles start 8-byte aligned
+        head = _FILE_HEAD.pack(_MAGIC, len(meta)) + meta
+        size = len(head) + 8 * block * max(len(self.routes), 1)
         if directory is None:
             self._map = mmap.mmap(-1, size)
         else:
-            self.path = os.path.join(directory, f"{os.getpid()}.metrics")
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.ftruncate(fd, size)
-                self._map = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-        self._map[:_FILE_HEAD.size + len(header)] = _FILE_HEAD.pack(_MAGIC, len(header)) + header
-        self.slots = memoryview(self._map)[start:].cast("d")
+            path = os.path.join(directory, f"{os.getpid()}.metrics")
+            with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), "r+b") as f:
+                f.truncate(size)
+                self._map = mmap.mmap(f.fileno(), size)
+        self._map[:len(head)] = head
+        self.slots = memoryview(self._map)[len(head):].cast("d")
 
     def snapshot(self) -> Snapshot:
         """A copy, taken in one step: a scrape never sees half of a request's updates."""
@@ -216,39 +169,26 @@ def read_snapshot(path: str) -> Snapshot | None:
         magic, n = _FILE_HEAD.unpack_from(data)
         if magic != _MAGIC:
             return None
-        header = json.loads(data[_FILE_HEAD.size:_FILE_HEAD.size + n])
-        routes = tuple(str(r) for r in header["routes"])
-        bounds = _check_bounds(header["buckets"])
-        block = block_size(bounds)
-        start = -(-(_FILE_HEAD.size + n) // 8) * 8
-        slots = memoryview(data)[start:start + 8 * block * len(routes)].cast("d")
-        if len(slots) != block * len(routes):
-            return None
-        return Snapshot(routes, bounds, slots)
+        meta = json.loads(data[_FILE_HEAD.size:_FILE_HEAD.size + n])
+        routes, bounds = tuple(str(r) for r in meta["routes"]), _check_bounds(meta["buckets"])
+        start, size = _FILE_HEAD.size + n, block_size(bounds) * len(routes)
+        slots = memoryview(data)[start:start + 8 * size].cast("d")
+        return Snapshot(routes, bounds, slots) if len(slots) == size else None
     except (OSError, ValueError, TypeError, KeyError, struct.error):
         return None
 
 
-# ---- events -> slots ---------------------------------------------------------------------------
-
 _OK = Category.OK
 
+
 class MetricsObserver:
-    """Events -> slot updates. Observes only; runs on the event loop, so no lock is needed.
+    """Events -> slot updates. Observes only; runs on the event loop, so no lock is needed."""
 
-    A request costs what it did before the outcome split: its status class, its error category or
-    stop reason when it has one, one bucket and one sum (of its outcome's histogram), the in-flight
-    gauge; a success after a retry one more slot."""
-
-    __slots__ = ("store", "_s", "_base", "_now", "_bounds", "_hist_error")
+    __slots__ = ("_s", "_base", "_now", "_bounds", "_hist_error")
 
     def __init__(self, store: MetricsStore, *, now: Callable[[], float] = time.time) -> None:
-        self.store = store
-        self._s = store.slots
-        self._base = store.base
-        self._now = now
-        self._bounds = store.bounds
-        self._hist_error = _HIST_OK + hist_size(store.bounds)
+        self._s, self._base, self._bounds, self._now = store.slots, store.base, store.bounds, now
+        self._hist_error = HEAD + hist_size(store.bounds)
 
     def __call__(self, event: Event) -> None:
         s = self._s
@@ -256,7 +196,7 @@ class MetricsObserver:
             b = self._base[event.route]
             status = event.status
             if status is None or event.aborted or not 200 <= status < 600:
-                s[b + _REQUESTS["aborted"]] += 1
+                s[b + _ABORTED] += 1
             else:
                 s[b + _REQUESTS_BY_CODE[status // 100]] += 1
             category = event.category
@@ -266,7 +206,7 @@ class MetricsObserver:
             elif event.aborted:
                 h = b + self._hist_error
             else:
-                h = b + _HIST_OK
+                h = b + HEAD
                 if event.attempts > 1:
                     s[b + _RETRY_SUCCESSES] += 1
             if event.stop_reason is not None:
