@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import proxy
 from proxy import config as cfg
-from proxy import metrics, process_metrics
+from proxy import process_metrics
 from proxy.app import duration_buckets
 from proxy.classify import Category
 from proxy.events import AttemptFinished, BreakerChange, BreakerState, RequestFinished, RequestStarted, RetryScheduled
