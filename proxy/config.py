@@ -1,22 +1,18 @@
 """YAML -> frozen, typed config objects, validated once at startup.
 
-proxy/default.yaml is the one place a built-in value is written: a config file, then the
-environment, then flags are merged over it key by key. The result is typed field by field against
-the Structs below (msgspec checks each leaf value), so an error's key path is known by
-construction and its message comes from the schema (expected type and bounds), never from a
-library's wording: `<file>: <key.path>: <what is wrong>`. No dict from YAML leaves this module.
+proxy/default.yaml holds every built-in value; a file, the environment and flags are merged over it key by
+key, then typed by walking the Structs below: an error names its key path and says what the schema expects.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Any, Literal, NewType, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NewType, get_args, get_origin
 
 import msgspec
 import yaml
@@ -25,32 +21,26 @@ from yarl import URL
 from .routes import DEFAULT_ROUTE, PathPattern, Route, RouteTable, compile_path
 from .units import Duration, Size, format_duration, format_size, to_duration, to_size
 
-BUILTIN_SOURCE = "built-in defaults"
-
-
 class ConfigError(Exception):
     """A bad config, flag or environment value; __main__ prints it and exits 2."""
 
     def __init__(self, source: str, key_path: str, message: str) -> None:
         self.source, self.key_path, self.message = source, key_path, message
-        where = f"{source}: {key_path}" if key_path else source
-        super().__init__(f"{where}: {message}")
+        super().__init__(f"{source}: {key_path}: {message}" if key_path else f"{source}: {message}")
 
 
 class _Invalid(Exception):
     """(key path, message) of a bad value; load() adds the file it came from."""
 
 
-# Strings with a rule of their own (the rule is in _PARSE); a plain str at run time.
-HttpUrl = NewType("HttpUrl", str)
-RouteName = NewType("RouteName", str)
-Method = NewType("Method", str)
+HttpUrl = NewType("HttpUrl", str)  # checked by _url; a plain str at run time
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535, description="a port number")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-CategoryName = Literal[
-    "connect", "network", "timeout", "server", "rate_limit", "quota_exceeded",
-    "authentication", "client", "invalid_response",
-]
+RouteName = Annotated[str, msgspec.Meta(pattern=rf"^(?!{DEFAULT_ROUTE}\Z)[A-Za-z0-9_.-]+\Z",
+                                        description=f"letters, digits, '_', '.' or '-' and not {DEFAULT_ROUTE!r}")]
+Method = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]+\Z", description="an upper-case HTTP method")]
+CategoryName = Literal["connect", "network", "timeout", "server", "rate_limit", "quota_exceeded",
+                       "authentication", "client", "invalid_response"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "console"]
 
@@ -65,31 +55,13 @@ def _url(value: Any) -> str:
     return str(value)
 
 
-def _matching(pattern: str, expected: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or not re.fullmatch(pattern, value):
-            raise ValueError(f"expected {expected}, got {value!r}")
-        return value
-    return check
-
-
-_PARSE: dict[Any, Callable[[Any], Any]] = {
-    Duration: to_duration,
-    Size: to_size,
-    HttpUrl: _url,
-    RouteName: _matching(rf"(?!{DEFAULT_ROUTE}\Z)[A-Za-z0-9_.-]+",
-                         f"letters, digits, '_', '.' or '-' and not {DEFAULT_ROUTE!r}"),
-    Method: _matching(r"[A-Z]+", "an upper-case HTTP method"),
-    PathPattern: compile_path,
-}
-
-
+# Types msgspec cannot check itself: each parser raises ValueError with the whole message.
+_PARSE = {Duration: to_duration, Size: to_size, HttpUrl: _url, PathPattern: compile_path}
 BUILTIN: Any = msgspec.UNSET  # a field's default: its value is written in proxy/default.yaml
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True):
-    """A config section. A field left out (`Retry()` in a test) takes proxy/default.yaml's value,
-    so no built-in value is written in Python too."""
+    """A field left out (`Retry()` in a test) takes proxy/default.yaml's value: none is written here."""
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
@@ -201,15 +173,13 @@ def _typed(tp: Any, value: Any, path: str, strict: bool = True) -> Any:
         if not isinstance(value, dict):
             raise _Invalid(path, f"expected a mapping, got {value!r}")
         fields = {f.name: f for f in msgspec.structs.fields(tp)}
-        for key in value:
-            if key not in fields:
-                raise _Invalid(path, f"unknown key {key!r}")
-        for name, f in fields.items():
-            if name not in value and (f.required or f.default is BUILTIN):
-                raise _Invalid(path, f"missing required key {name!r}")
+        if unknown := [k for k in value if k not in fields]:
+            raise _Invalid(path, f"unknown key {unknown[0]!r}")
+        if missing := [n for n, f in fields.items() if n not in value and (f.required or f.default is BUILTIN)]:
+            raise _Invalid(path, f"missing required key {missing[0]!r}")
         return tp(**{k: _typed(fields[k].type, v, f"{path}.{k}".lstrip(".")) for k, v in value.items()})
     origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):  # `X | None`
+    if origin is types.UnionType:  # `X | None`
         return None if value is None else _typed(args[0], value, path, strict)
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -223,20 +193,20 @@ def _typed(tp: Any, value: Any, path: str, strict: bool = True) -> Any:
         raise _Invalid(path, str(exc)) from None
 
 
-_NOUNS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+_NOUNS = {int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
 
 
 def _describe(tp: Any) -> str:
     """What a valid value looks like, read from the schema: "a port number from 0 to 65535"."""
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(get_args(tp))
-    if get_origin(tp) is Annotated:
-        base, meta = get_args(tp)
-        noun = meta.description or _NOUNS[base]
-        if meta.ge is not None and meta.le is not None:
-            return f"{noun} from {meta.ge} to {meta.le}"
-        return " ".join([noun, *(f"{op} {v}" for op, v in ((">=", meta.ge), ("<=", meta.le)) if v is not None)])
-    return _NOUNS.get(get_origin(tp) or tp, str(tp))
+    if get_origin(tp) is not Annotated:
+        return _NOUNS.get(get_origin(tp) or tp, str(tp))
+    base, meta = get_args(tp)
+    noun = meta.description or _NOUNS[base]
+    if meta.ge is not None and meta.le is not None:
+        return f"{noun} from {meta.ge} to {meta.le}"
+    return " ".join([noun, *(f"{op} {v}" for op, v in ((">=", meta.ge), ("<=", meta.le)) if v is not None)])
 
 
 def _merge(base: Any, override: Any) -> Any:
@@ -252,8 +222,7 @@ def _merge(base: Any, override: Any) -> Any:
 @functools.cache
 def _builtin_raw() -> dict[str, Any]:
     """proxy/default.yaml, shipped in the package (pyproject.toml's package-data)."""
-    text = files(__package__).joinpath("default.yaml").read_text(encoding="utf-8")
-    return _parse_yaml(text, "proxy/default.yaml")
+    return read_yaml("proxy/default.yaml", (files(__package__) / "default.yaml").read_text(encoding="utf-8"))
 
 
 @functools.cache
@@ -281,7 +250,8 @@ def _check_policy(policy: Policy, prefix: str) -> None:
 
 
 def _build_routes(specs: list[_RouteSpec], defaults_raw: dict[str, Any], defaults: Policy) -> RouteTable[Policy]:
-    """A route's sections are merged over `defaults` key by key before they are typed."""
+    """A route's sections are merged over `defaults` key by key before they are typed; routes sharing
+    a breaker group must agree on its settings (one breaker has one threshold)."""
     routes: list[Route[Policy]] = []
     for i, spec in enumerate(specs):
         key = f"routes[{i}]"
@@ -291,59 +261,39 @@ def _build_routes(specs: list[_RouteSpec], defaults_raw: dict[str, Any], default
         policy = _typed(Policy, _merge(defaults_raw, sections), key) if sections else defaults
         _check_policy(policy, key + ".")
         routes.append(Route(spec.name, None if spec.methods is None else frozenset(spec.methods), spec.path, policy))
-    default = Route(DEFAULT_ROUTE, None, None, defaults)
-    _check_groups([*((f"routes[{i}]", r) for i, r in enumerate(routes)), ("defaults", default)])
-    return RouteTable(routes, default)
-
-
-def _check_groups(routes: list[tuple[str, Route[Policy]]]) -> None:
-    """Routes sharing a breaker group must agree on its settings: one breaker has one threshold."""
-    seen: dict[str, tuple[str, Breaker]] = {}
-    for key, route in routes:
-        b = route.policy.breaker
-        if b.group is None:
-            continue
-        if b.group in seen and seen[b.group][1] != b:
+    groups: dict[str, tuple[str, Breaker]] = {}
+    for key, b in [*((f"routes[{i}]", r.policy.breaker) for i, r in enumerate(routes)), ("defaults", defaults.breaker)]:
+        if b.group is not None and (first := groups.setdefault(b.group, (key, b)))[1] != b:
             raise _Invalid(f"{key}.breaker", f"breaker group {b.group!r} is set up differently in "
-                                             f"{seen[b.group][0]}.breaker; a group has one configuration")
-        seen.setdefault(b.group, (key, b))
+                                             f"{first[0]}.breaker; a group has one configuration")
+    return RouteTable(routes, Route(DEFAULT_ROUTE, None, None, defaults))
 
 
-def read_yaml(path: str) -> dict[str, Any]:
-    """The file as a mapping, or a ConfigError naming the file (and the line for syntax errors)."""
+def read_yaml(path: str, text: str | None = None) -> dict[str, Any]:
+    """The file (or its `text`) as a mapping, or a ConfigError naming it (and the line of a syntax error)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8") if text is None else text)
     except FileNotFoundError:
         raise ConfigError(path, "", "file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, "", f"cannot read the file ({exc.__class__.__name__})") from None
-    return _parse_yaml(text, path)
-
-
-def _parse_yaml(text: str, source: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or "invalid YAML"
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(source, where, f"YAML syntax error: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(source, "", f"expected a mapping of settings at the top level, got {type(data).__name__}")
-    return data
+        raise ConfigError(path, where, f"YAML syntax error: {problem}") from None
+    if not isinstance(data, (dict, type(None))):
+        raise ConfigError(path, "", f"expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data or {}
 
 
 Override = tuple[str, tuple[str, ...], Any]  # (source label, key path, value)
 
 
 def _override(label: str, keys: tuple[str, ...], value: Any) -> dict[str, Any]:
-    """A flag's or variable's value, checked by the same schema as the file's (text may stand for a
-    number), as a nested mapping to merge; a bad value names its own source, not the file."""
-    tp: Any = _File
-    for key in keys:
-        tp = {f.name: f.type for f in msgspec.structs.fields(tp)}[key]
+    """A flag's or variable's value typed by the file's schema (text may stand for a number), as a
+    nested mapping to merge; a bad value names its own source, not the file."""
+    tp = functools.reduce(lambda t, key: {f.name: f.type for f in msgspec.structs.fields(t)}[key], keys, _File)
     try:
         value = _typed(tp, value, "", strict=False)
     except _Invalid as exc:
@@ -353,7 +303,7 @@ def _override(label: str, keys: tuple[str, ...], value: Any) -> dict[str, Any]:
 
 def load(path: str | None, overrides: Iterable[Override] = ()) -> ProxyConfig:
     """proxy/default.yaml < file < each override in order (environment, then flags)."""
-    source = path or BUILTIN_SOURCE
+    source = path or "built-in defaults"
     raw = read_yaml(path) if path else {}
     for label, keys, value in overrides:
         raw = _merge(raw, _override(label, keys, value))
@@ -364,30 +314,25 @@ def load(path: str | None, overrides: Iterable[Override] = ()) -> ProxyConfig:
         table = _build_routes(top.routes, raw["defaults"], top.defaults)
     except _Invalid as exc:
         raise ConfigError(source, *exc.args) from None
-    return ProxyConfig(
-        listen=top.listen, admin=top.admin, upstream=top.upstream, defaults=top.defaults, routes=table,
-        log=top.log, shutdown_grace=float(top.shutdown_grace), workers=top.workers, source=source,
-    )
+    fields = msgspec.structs.asdict(top) | {"routes": table, "shutdown_grace": float(top.shutdown_grace)}
+    return ProxyConfig(**fields, source=source)
 
 
-def to_builtins(obj: Any) -> Any:
-    """Typed config -> plain data with durations and sizes spelled as in YAML."""
+def _spelled(obj: Any) -> Any:
+    """msgspec.to_builtins' hook: durations and sizes as YAML writes them, a route table as its routes."""
     if isinstance(obj, Duration):
         return format_duration(obj)
     if isinstance(obj, Size):
         return format_size(obj)
-    if isinstance(obj, msgspec.Struct):
-        return {f: to_builtins(getattr(obj, f)) for f in obj.__struct_fields__}
-    if isinstance(obj, (tuple, list)):
-        return [to_builtins(v) for v in obj]
     if isinstance(obj, RouteTable):
         return [{"name": r.name, "path": r.pattern.text if r.pattern else None,
-                 **({} if r.methods is None else {"methods": sorted(r.methods)}), **to_builtins(r.policy)}
+                 **({} if r.methods is None else {"methods": sorted(r.methods)}), **msgspec.structs.asdict(r.policy)}
                 for r in obj.routes]
-    return obj
+    raise NotImplementedError(type(obj))
 
 
 def effective(config: ProxyConfig) -> dict[str, Any]:
     """The effective config as plain data: what --check-config prints and the startup log shows."""
-    out = {f.name: to_builtins(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name != "source"}
-    return {**out, "shutdown_grace": format_duration(config.shutdown_grace)}
+    out: dict[str, Any] = msgspec.to_builtins(config, enc_hook=_spelled)
+    del out["source"]
+    return out | {"shutdown_grace": format_duration(config.shutdown_grace)}
