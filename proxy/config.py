@@ -1,22 +1,17 @@
 """YAML -> frozen, typed config objects, validated once at startup.
 
-proxy/default.yaml is the one place a built-in value is written: a config file, then the
-environment, then flags are merged over it key by key. The result is typed field by field against
-the Structs below (msgspec checks each leaf value), so an error's key path is known by
-construction and its message comes from the schema (expected type and bounds), never from a
-library's wording: `<file>: <key.path>: <what is wrong>`. No dict from YAML leaves this module.
+Each value is typed by walking the Structs below, so an error names its key path and what the schema expects.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
-import re
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Any, Literal, NewType, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NewType, get_args, get_origin
 
 import msgspec
 import yaml
@@ -25,71 +20,42 @@ from yarl import URL
 from .routes import DEFAULT_ROUTE, PathPattern, Route, RouteTable, compile_path
 from .units import Duration, Size, format_duration, format_size, to_duration, to_size
 
-BUILTIN_SOURCE = "built-in defaults"
-
 
 class ConfigError(Exception):
     """A bad config, flag or environment value; __main__ prints it and exits 2."""
 
     def __init__(self, source: str, key_path: str, message: str) -> None:
-        self.source, self.key_path, self.message = source, key_path, message
-        where = f"{source}: {key_path}" if key_path else source
-        super().__init__(f"{where}: {message}")
+        super().__init__(f"{source}: {key_path}: {message}" if key_path else f"{source}: {message}")
 
 
-class _Invalid(Exception):
-    """(key path, message) of a bad value; load() adds the file it came from."""
-
-
-# Strings with a rule of their own (the rule is in _PARSE); a plain str at run time.
-HttpUrl = NewType("HttpUrl", str)
-RouteName = NewType("RouteName", str)
-Method = NewType("Method", str)
+HttpUrl = NewType("HttpUrl", str)  # checked by _url; a plain str at run time
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535, description="a port number")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-CategoryName = Literal[
-    "connect", "network", "timeout", "server", "rate_limit", "quota_exceeded",
-    "authentication", "client", "invalid_response",
-]
+RouteName = Annotated[str, msgspec.Meta(pattern=rf"^(?!{DEFAULT_ROUTE}\Z)[A-Za-z0-9_.-]+\Z",
+                                        description=f"letters, digits, '_', '.' or '-' and not {DEFAULT_ROUTE!r}")]
+Method = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]+\Z", description="an upper-case HTTP method")]
+CategoryName = Literal["connect", "network", "timeout", "server", "rate_limit", "quota_exceeded",
+                       "authentication", "client", "invalid_response"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "console"]
+Override = tuple[str, tuple[str, ...], Any]  # (source label, key path, value): a flag or variable
+_NOUNS = {int: "an integer", float: "a number", str: "a string", dict: "a mapping"}  # for error messages
 
 
 def _url(value: Any) -> str:
-    try:
-        u = URL(value) if isinstance(value, str) else None
-    except ValueError:
-        u = None
-    if u is None or u.scheme not in ("http", "https") or not u.host or u.query_string or u.fragment:
-        raise ValueError(f"expected an http:// or https:// base URL without query, got {value!r}")
-    return str(value)
+    with contextlib.suppress(TypeError, ValueError):  # not a string, or not a URL
+        if (u := URL(value)).scheme in ("http", "https") and u.host and not u.query_string and not u.fragment:
+            return value
+    raise ValueError(f"expected an http:// or https:// base URL without query, got {value!r}")
 
 
-def _matching(pattern: str, expected: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or not re.fullmatch(pattern, value):
-            raise ValueError(f"expected {expected}, got {value!r}")
-        return value
-    return check
-
-
-_PARSE: dict[Any, Callable[[Any], Any]] = {
-    Duration: to_duration,
-    Size: to_size,
-    HttpUrl: _url,
-    RouteName: _matching(rf"(?!{DEFAULT_ROUTE}\Z)[A-Za-z0-9_.-]+",
-                         f"letters, digits, '_', '.' or '-' and not {DEFAULT_ROUTE!r}"),
-    Method: _matching(r"[A-Z]+", "an upper-case HTTP method"),
-    PathPattern: compile_path,
-}
-
-
+# Types msgspec cannot check itself: each parser raises ValueError with the whole message.
+_PARSE = {Duration: to_duration, Size: to_size, HttpUrl: _url, PathPattern: compile_path}
 BUILTIN: Any = msgspec.UNSET  # a field's default: its value is written in proxy/default.yaml
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True):
-    """A config section. A field left out (`Retry()` in a test) takes proxy/default.yaml's value,
-    so no built-in value is written in Python too."""
+    """A field left out (`Retry()` in a test) takes proxy/default.yaml's value: none is written here."""
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
@@ -102,9 +68,8 @@ class Listen(_Section):
     port: Port = BUILTIN
 
 
-class Admin(_Section):
-    host: str = BUILTIN
-    port: Port = BUILTIN
+class Admin(Listen):
+    """The admin listener: Listen's keys, its own built-in values."""
 
 
 class Upstream(_Section):
@@ -170,7 +135,7 @@ class _RouteSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _File(msgspec.Struct, frozen=True, kw_only=True):
-    """The top level, typed once the file is merged over proxy/default.yaml (every key is there)."""
+    """The top level as written, typed once merged over proxy/default.yaml (every key is there)."""
 
     listen: Listen
     admin: Admin
@@ -182,66 +147,55 @@ class _File(msgspec.Struct, frozen=True, kw_only=True):
     workers: PositiveInt
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ProxyConfig:
-    listen: Listen
-    admin: Admin
-    upstream: Upstream
-    defaults: Policy
-    routes: RouteTable[Policy]
-    log: Log
+class ProxyConfig(_File, frozen=True, kw_only=True):
+    """The file's sections once checked, with its routes compiled into a table."""
+
+    routes: RouteTable[Policy]  # type: ignore[assignment]  # retyped: the file's list, compiled
     shutdown_grace: float  # a plain float from here on: JSON logs write it as a number
-    workers: int
     source: str  # the file it came from, or "built-in defaults"
 
 
-def _typed(tp: Any, value: Any, path: str, strict: bool = True) -> Any:
-    """`value` as a `tp`, walked field by field and item by item, so an error knows its key path."""
+def _typed(tp: Any, value: Any, path: str, source: str, strict: bool = True) -> Any:
+    """`value` as a `tp`, walked field by field and item by item, so an error names its key path."""
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         if not isinstance(value, dict):
-            raise _Invalid(path, f"expected a mapping, got {value!r}")
+            raise ConfigError(source, path, f"expected a mapping, got {value!r}")
         fields = {f.name: f for f in msgspec.structs.fields(tp)}
-        for key in value:
-            if key not in fields:
-                raise _Invalid(path, f"unknown key {key!r}")
-        for name, f in fields.items():
-            if name not in value and (f.required or f.default is BUILTIN):
-                raise _Invalid(path, f"missing required key {name!r}")
-        return tp(**{k: _typed(fields[k].type, v, f"{path}.{k}".lstrip(".")) for k, v in value.items()})
+        if unknown := [k for k in value if k not in fields]:
+            raise ConfigError(source, path, f"unknown key {unknown[0]!r}")
+        if missing := [n for n, f in fields.items() if n not in value and (f.required or f.default is BUILTIN)]:
+            raise ConfigError(source, path, f"missing required key {missing[0]!r}")
+        return tp(**{k: _typed(fields[k].type, v, f"{path}.{k}".lstrip("."), source) for k, v in value.items()})
     origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):  # `X | None`
-        return None if value is None else _typed(args[0], value, path, strict)
+    if origin is types.UnionType:  # `X | None`
+        return None if value is None else _typed(args[0], value, path, source, strict)
     if origin in (list, tuple):
         if not isinstance(value, list):
-            raise _Invalid(path, f"expected a list, got {value!r}")
-        return origin(_typed(args[0], v, f"{path}[{i}]", strict) for i, v in enumerate(value))
+            raise ConfigError(source, path, f"expected a list, got {value!r}")
+        return origin(_typed(args[0], v, f"{path}[{i}]", source, strict) for i, v in enumerate(value))
     try:
         return _PARSE[tp](value) if tp in _PARSE else msgspec.convert(value, tp, strict=strict)
     except msgspec.ValidationError:
-        raise _Invalid(path, f"expected {_describe(tp)}, got {value!r}") from None
+        raise ConfigError(source, path, f"expected {_describe(tp)}, got {value!r}") from None
     except ValueError as exc:  # one of _PARSE's own sentences
-        raise _Invalid(path, str(exc)) from None
-
-
-_NOUNS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+        raise ConfigError(source, path, str(exc)) from None
 
 
 def _describe(tp: Any) -> str:
     """What a valid value looks like, read from the schema: "a port number from 0 to 65535"."""
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(get_args(tp))
-    if get_origin(tp) is Annotated:
-        base, meta = get_args(tp)
-        noun = meta.description or _NOUNS[base]
-        if meta.ge is not None and meta.le is not None:
-            return f"{noun} from {meta.ge} to {meta.le}"
-        return " ".join([noun, *(f"{op} {v}" for op, v in ((">=", meta.ge), ("<=", meta.le)) if v is not None)])
-    return _NOUNS.get(get_origin(tp) or tp, str(tp))
+    if get_origin(tp) is not Annotated:
+        return _NOUNS.get(get_origin(tp) or tp, str(tp))
+    base, meta = get_args(tp)
+    noun = meta.description or _NOUNS[base]
+    if meta.le is not None:  # the schema's bounds: `ge` alone, or `ge` and `le`
+        return f"{noun} from {meta.ge} to {meta.le}"
+    return noun if meta.ge is None else f"{noun} >= {meta.ge}"
 
 
 def _merge(base: Any, override: Any) -> Any:
-    """Key-by-key merge of mappings; a list or value in `override` replaces `base` whole, and an
-    empty section (None over a mapping or a list) keeps `base`. Neither argument is changed."""
+    """Mappings merged key by key, changing neither; a list or value replaces `base`, an empty section keeps it."""
     if override is None and isinstance(base, (dict, list)):
         return base
     if isinstance(base, dict) and isinstance(override, dict):
@@ -251,21 +205,16 @@ def _merge(base: Any, override: Any) -> Any:
 
 @functools.cache
 def _builtin_raw() -> dict[str, Any]:
-    """proxy/default.yaml, shipped in the package (pyproject.toml's package-data)."""
-    text = files(__package__).joinpath("default.yaml").read_text(encoding="utf-8")
-    return _parse_yaml(text, "proxy/default.yaml")
+    return read_yaml("proxy/default.yaml", (files(__package__) / "default.yaml").read_text(encoding="utf-8"))
 
 
 @functools.cache
 def _builtin_sections() -> dict[type, Any]:
-    """Each section type -> its built-in value (the first found), for fields left out of a Struct."""
-    found: dict[type, Any] = {}
-    todo: list[Any] = [_typed(_File, _builtin_raw(), "")]
-    while todo:
-        section = todo.pop(0)
-        found.setdefault(type(section), section)
-        todo += [v for f in section.__struct_fields__ if isinstance(v := getattr(section, f), msgspec.Struct)]
-    return found
+    """Each section type -> its built-in value (each type occurs once), for fields left out of a Struct."""
+    sections = [_typed(_File, _builtin_raw(), "", "proxy/default.yaml")]
+    for section in sections:  # breadth first: the list grows while it is read
+        sections += [v for f in section.__struct_fields__ if isinstance(v := getattr(section, f), msgspec.Struct)]
+    return {type(s): s for s in sections}
 
 
 def builtin_value(keys: tuple[str, ...]) -> Any:
@@ -273,121 +222,79 @@ def builtin_value(keys: tuple[str, ...]) -> Any:
     return functools.reduce(lambda node, key: node[key], keys, _builtin_raw())
 
 
-def _check_policy(policy: Policy, prefix: str) -> None:
-    b = policy.retry.backoff
-    if b.max < b.initial:
-        raise _Invalid(f"{prefix}retry.backoff.max",
-                       f"must not be less than backoff.initial ({format_duration(b.initial)})")
+def _check_policy(policy: Policy, key: str, source: str) -> None:
+    if (b := policy.retry.backoff).max < b.initial:
+        raise ConfigError(source, f"{key}.retry.backoff.max",
+                          f"must not be less than backoff.initial ({format_duration(b.initial)})")
 
 
-def _build_routes(specs: list[_RouteSpec], defaults_raw: dict[str, Any], defaults: Policy) -> RouteTable[Policy]:
-    """A route's sections are merged over `defaults` key by key before they are typed."""
+def _build_routes(top: _File, defaults_raw: dict[str, Any], source: str) -> RouteTable[Policy]:
+    """Each route's sections merged over `defaults`, then typed; one breaker group has one configuration."""
     routes: list[Route[Policy]] = []
-    for i, spec in enumerate(specs):
+    for i, spec in enumerate(top.routes):
         key = f"routes[{i}]"
         if any(r.name == spec.name for r in routes):
-            raise _Invalid(f"{key}.name", f"duplicate route name {spec.name!r}")
+            raise ConfigError(source, f"{key}.name", f"duplicate route name {spec.name!r}")
         sections = {k: v for k in ("timeouts", "retry", "breaker") if (v := getattr(spec, k)) is not None}
-        policy = _typed(Policy, _merge(defaults_raw, sections), key) if sections else defaults
-        _check_policy(policy, key + ".")
+        policy = _typed(Policy, _merge(defaults_raw, sections), key, source) if sections else top.defaults
+        _check_policy(policy, key, source)
         routes.append(Route(spec.name, None if spec.methods is None else frozenset(spec.methods), spec.path, policy))
-    default = Route(DEFAULT_ROUTE, None, None, defaults)
-    _check_groups([*((f"routes[{i}]", r) for i, r in enumerate(routes)), ("defaults", default)])
-    return RouteTable(routes, default)
+    groups: dict[str, tuple[str, Breaker]] = {}
+    for key, b in [*((f"routes[{i}]", r.policy.breaker) for i, r in enumerate(routes)),
+                   ("defaults", top.defaults.breaker)]:
+        if b.group is not None and (first := groups.setdefault(b.group, (key, b)))[1] != b:
+            raise ConfigError(source, f"{key}.breaker", f"breaker group {b.group!r} is set up differently in "
+                                                        f"{first[0]}.breaker; a group has one configuration")
+    return RouteTable(routes, Route(DEFAULT_ROUTE, None, None, top.defaults))
 
 
-def _check_groups(routes: list[tuple[str, Route[Policy]]]) -> None:
-    """Routes sharing a breaker group must agree on its settings: one breaker has one threshold."""
-    seen: dict[str, tuple[str, Breaker]] = {}
-    for key, route in routes:
-        b = route.policy.breaker
-        if b.group is None:
-            continue
-        if b.group in seen and seen[b.group][1] != b:
-            raise _Invalid(f"{key}.breaker", f"breaker group {b.group!r} is set up differently in "
-                                             f"{seen[b.group][0]}.breaker; a group has one configuration")
-        seen.setdefault(b.group, (key, b))
-
-
-def read_yaml(path: str) -> dict[str, Any]:
-    """The file as a mapping, or a ConfigError naming the file (and the line for syntax errors)."""
+def read_yaml(path: str, text: str | None = None) -> dict[str, Any]:
+    """The file (or its `text`) as a mapping, or a ConfigError naming it (and the line of a syntax error)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(path, "", "file not found") from None
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8") if text is None else text)
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(path, "", f"cannot read the file ({exc.__class__.__name__})") from None
-    return _parse_yaml(text, path)
-
-
-def _parse_yaml(text: str, source: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text)
+        why = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read the file ({type(exc).__name__})"
+        raise ConfigError(path, "", why) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or "invalid YAML"
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or "invalid YAML"
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(source, where, f"YAML syntax error: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(source, "", f"expected a mapping of settings at the top level, got {type(data).__name__}")
-    return data
-
-
-Override = tuple[str, tuple[str, ...], Any]  # (source label, key path, value)
-
-
-def _override(label: str, keys: tuple[str, ...], value: Any) -> dict[str, Any]:
-    """A flag's or variable's value, checked by the same schema as the file's (text may stand for a
-    number), as a nested mapping to merge; a bad value names its own source, not the file."""
-    tp: Any = _File
-    for key in keys:
-        tp = {f.name: f.type for f in msgspec.structs.fields(tp)}[key]
-    try:
-        value = _typed(tp, value, "", strict=False)
-    except _Invalid as exc:
-        raise ConfigError(label, "", exc.args[1]) from None
-    return functools.reduce(lambda inner, key: {key: inner}, reversed(keys), value)
+        raise ConfigError(path, where, f"YAML syntax error: {problem}") from None
+    if not isinstance(data, (dict, type(None))):
+        raise ConfigError(path, "", f"expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data or {}
 
 
 def load(path: str | None, overrides: Iterable[Override] = ()) -> ProxyConfig:
     """proxy/default.yaml < file < each override in order (environment, then flags)."""
-    source = path or BUILTIN_SOURCE
+    source = path or "built-in defaults"
     raw = read_yaml(path) if path else {}
-    for label, keys, value in overrides:
-        raw = _merge(raw, _override(label, keys, value))
+    for label, keys, value in overrides:  # typed by the file's schema, text may stand for a number
+        tp = functools.reduce(lambda t, key: {f.name: f.type for f in msgspec.structs.fields(t)}[key], keys, _File)
+        value = _typed(tp, value, "", label, strict=False)  # a bad value names its flag or variable
+        raw = _merge(raw, functools.reduce(lambda inner, key: {key: inner}, reversed(keys), value))
     raw = _merge(_builtin_raw(), raw)
-    try:
-        top = _typed(_File, raw, "")
-        _check_policy(top.defaults, "defaults.")
-        table = _build_routes(top.routes, raw["defaults"], top.defaults)
-    except _Invalid as exc:
-        raise ConfigError(source, *exc.args) from None
-    return ProxyConfig(
-        listen=top.listen, admin=top.admin, upstream=top.upstream, defaults=top.defaults, routes=table,
-        log=top.log, shutdown_grace=float(top.shutdown_grace), workers=top.workers, source=source,
-    )
+    top = _typed(_File, raw, "", source)
+    _check_policy(top.defaults, "defaults", source)
+    table = _build_routes(top, raw["defaults"], source)
+    fields = msgspec.structs.asdict(top) | {"routes": table, "shutdown_grace": float(top.shutdown_grace)}
+    return ProxyConfig(**fields, source=source)
 
 
-def to_builtins(obj: Any) -> Any:
-    """Typed config -> plain data with durations and sizes spelled as in YAML."""
+def _spelled(obj: Any) -> Any:
+    """msgspec.to_builtins' hook: durations and sizes as YAML writes them, a route table as its routes."""
     if isinstance(obj, Duration):
         return format_duration(obj)
     if isinstance(obj, Size):
         return format_size(obj)
-    if isinstance(obj, msgspec.Struct):
-        return {f: to_builtins(getattr(obj, f)) for f in obj.__struct_fields__}
-    if isinstance(obj, (tuple, list)):
-        return [to_builtins(v) for v in obj]
     if isinstance(obj, RouteTable):
         return [{"name": r.name, "path": r.pattern.text if r.pattern else None,
-                 **({} if r.methods is None else {"methods": sorted(r.methods)}), **to_builtins(r.policy)}
+                 **({} if r.methods is None else {"methods": sorted(r.methods)}), **msgspec.structs.asdict(r.policy)}
                 for r in obj.routes]
-    return obj
+    raise NotImplementedError(type(obj))
 
 
 def effective(config: ProxyConfig) -> dict[str, Any]:
     """The effective config as plain data: what --check-config prints and the startup log shows."""
-    out = {f.name: to_builtins(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name != "source"}
-    return {**out, "shutdown_grace": format_duration(config.shutdown_grace)}
+    out: dict[str, Any] = msgspec.to_builtins(config, enc_hook=_spelled)
+    del out["source"]
+    return out | {"shutdown_grace": format_duration(config.shutdown_grace)}
