@@ -51,8 +51,8 @@ class LineWriter:
         self._delay = delay
         self._max_pending = max_pending
         self._flush_timeout = flush_timeout
-        self._queue: queue.SimpleQueue[list[bytes] | threading.Event] = queue.SimpleQueue()
-        self._state = threading.Lock()  # guards _pending and _dropped (loop thread and writer thread)
+        self._queue: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._state = threading.Condition()  # guards _pending and _dropped (loop thread and writer thread)
         self._pending = 0  # bytes handed to the thread and not yet written
         self._dropped = 0  # lines dropped since the last report
         self._thread: threading.Thread | None = None
@@ -93,12 +93,9 @@ class LineWriter:
         stalled stdout must not hang shutdown)."""
         self._scheduled = False
         parts, self._parts = self._parts, []
-        if self._thread is not None and self._thread.is_alive():
-            done = threading.Event()
-            self._queue.put(done)
-            if not done.wait(self._flush_timeout):
-                with self._state:
-                    self._dropped += len(parts)
+        with self._state:
+            if not self._state.wait_for(lambda: not self._pending, self._flush_timeout):
+                self._dropped += len(parts)
                 return
         if parts:
             _write(_pieces(parts))
@@ -110,22 +107,18 @@ class LineWriter:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            written = 0
-            if not isinstance(item, threading.Event):
-                _write(item)
-                written = sum(map(len, item))
+            pieces = self._queue.get()
+            _write(pieces)
             with self._state:
-                self._pending -= written
-                dropped = 0
-                if self._dropped and self._queue.empty():  # caught up: report after the backlog
-                    dropped, self._dropped = self._dropped, 0
+                dropped = self._dropped if self._queue.empty() else 0  # caught up: report after the backlog
+                self._dropped -= dropped
             if dropped:
                 _write([orjson.dumps({"event": "log_lines_dropped", "count": dropped,
                                       "reason": "stdout did not keep up", "level": "warning",
                                       "timestamp": _now()}, option=orjson.OPT_APPEND_NEWLINE)])
-            if isinstance(item, threading.Event):
-                item.set()  # a flush() waits for this: everything before it is written
+            with self._state:  # flush() waits for this: everything handed over is written
+                self._pending -= sum(map(len, pieces))
+                self._state.notify_all()
 
 
 def _write(pieces: list[bytes]) -> None:
