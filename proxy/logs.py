@@ -165,8 +165,6 @@ atexit.register(WRITER.flush)  # a line still batched when the process exits is 
 class _StdoutLogger:
     """structlog's sink: rendered lines go through the shared LineWriter, in order."""
 
-    __slots__ = ()
-
     def msg(self, message: str) -> None:
         WRITER.write(message + "\n")
 
@@ -250,30 +248,27 @@ class LogObserver:
         self._fast = fmt == "json" and logger is None
         self._info = _LEVELS[level] <= logging.INFO
 
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, RequestFinished):
-            self._request(event)
-        elif isinstance(event, RetryScheduled):
-            self._log.info("retry", route=event.route, attempt=event.attempt, category=event.category.value,
-                           upstream_status=event.status, delay_ms=round(event.delay_s * 1000, 1),
-                           reason=event.reason, delay_source=event.source)
-        elif isinstance(event, BreakerChange):
-            self._log.warning("breaker", breaker=event.breaker, routes=list(event.routes),
-                              old=event.old.name.lower(), new=event.new.name.lower())
-
-    def _request(self, e: RequestFinished) -> None:
-        if not self._info:
-            return
-        line = {
-            "event": "request", "route": e.route, "method": e.method, "path": mask(e.path),
-            "status": e.status, "category": e.category.value, "attempts": e.attempts,
-            "stop_reason": e.stop_reason, "aborted": e.aborted, "duration_ms": round(e.duration_s * 1000, 2),
-            "ttfb_ms": round(e.ttfb_s * 1000, 2) if e.ttfb_s is not None else None,
-            "bytes_in": e.bytes_in, "bytes_out": e.bytes_out, "replayable": e.replayable,
-            "upstream_request_id": mask(e.upstream_request_id), "client_sdk": mask(e.client_sdk),
-            "client_request_id": mask(e.client_request_id), "level": "info", "timestamp": _now(),
-        }
-        if self._fast:
-            WRITER.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
-        else:  # structlog's chain sets level and timestamp again, and masking twice changes nothing
-            self._log.info(**line)
+    def __call__(self, e: Event) -> None:
+        if isinstance(e, RequestFinished):
+            if not self._info:
+                return
+            line = {
+                "event": "request", "route": e.route, "method": e.method, "path": mask(e.path),
+                "status": e.status, "category": e.category.value, "attempts": e.attempts,
+                "stop_reason": e.stop_reason, "aborted": e.aborted, "duration_ms": round(e.duration_s * 1000, 2),
+                "ttfb_ms": round(e.ttfb_s * 1000, 2) if e.ttfb_s is not None else None,
+                "bytes_in": e.bytes_in, "bytes_out": e.bytes_out, "replayable": e.replayable,
+                "upstream_request_id": mask(e.upstream_request_id), "client_sdk": mask(e.client_sdk),
+                "client_request_id": mask(e.client_request_id), "level": "info", "timestamp": _now(),
+            }
+            if self._fast:
+                WRITER.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
+            else:  # structlog's chain sets level and timestamp again, and masking twice changes nothing
+                self._log.info(**line)
+        elif isinstance(e, RetryScheduled):
+            self._log.info("retry", route=e.route, attempt=e.attempt, category=e.category.value,
+                           upstream_status=e.status, delay_ms=round(e.delay_s * 1000, 1), reason=e.reason,
+                           delay_source=e.source)
+        elif isinstance(e, BreakerChange):
+            self._log.warning("breaker", breaker=e.breaker, routes=list(e.routes), old=e.old.name.lower(),
+                              new=e.new.name.lower())
