@@ -57,22 +57,13 @@ STATUS_AND_CODE: Mapping[Category, tuple[int, str]] = {
 }
 
 
-def for_category(category: Category, message: str, headers: Mapping[str, str] | None = None) -> ProxyError:
-    status, code = STATUS_AND_CODE[category]
-    return ProxyError(status, code, message, headers or {})
-
-
 def upstream_failure(category: Category, exc: BaseException, *, host: str, first_byte: float, total: float,
                      attempts: int, elapsed: float, stop: str | None, headers: Mapping[str, str]) -> ProxyError:
-    """One plain sentence a developer can act on: what failed, how often over how long, what next.
-
-    Built only from fixed words, the upstream host and numbers: never an exception's text, which
-    may carry URLs, headers or keys.
-    """
+    """One plain sentence a developer can act on: what failed, how often over how long, what next. Built
+    only from fixed words, the upstream host and numbers: never an exception's text (URLs, headers, keys)."""
     detail = failure_detail(exc)
     if category is Category.CONNECT:
-        what = f"Could not connect to {host}: {detail}"
-        advice = "the request never reached it; retry later"
+        what, advice = f"Could not connect to {host}: {detail}", "the request never reached it; retry later"
     elif category is Category.TIMEOUT:
         what = (f"{host} did not send response headers within {format_duration(first_byte)}"
                 if isinstance(exc, aiohttp.SocketTimeoutError)
@@ -82,11 +73,10 @@ def upstream_failure(category: Category, exc: BaseException, *, host: str, first
         what = f"The connection to {host} failed after the request was sent: {detail}"
         advice = "the request may or may not have been processed"
     else:
-        what = f"{host} sent a response the proxy could not read: {detail}"
-        advice = "retry later"
+        what, advice = f"{host} sent a response the proxy could not read: {detail}", "retry later"
     tries = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} in {_seconds(elapsed)}"
     why = _STOP_WORDS.get(stop or "", "")
-    return for_category(category, f"{what}; {tries}{why}; {advice}.", headers)
+    return ProxyError(*STATUS_AND_CODE[category], f"{what}; {tries}{why}; {advice}.", headers)
 
 
 _STOP_WORDS = {
@@ -105,4 +95,4 @@ def circuit_open(breaker: str, retry_after: int, headers: Mapping[str, str]) -> 
     """The fast refusal while a breaker is open: `retry-after` tells the SDK how long to wait."""
     message = (f"The circuit breaker {breaker!r} is open after repeated upstream failures, so the proxy did not "
                f"send this request; retry after {retry_after}s.")
-    return for_category(Category.CIRCUIT_OPEN, message, {**headers, "retry-after": str(retry_after)})
+    return ProxyError(*STATUS_AND_CODE[Category.CIRCUIT_OPEN], message, {**headers, "retry-after": str(retry_after)})

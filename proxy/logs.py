@@ -1,16 +1,17 @@
 """Logs: structlog, JSON lines on stdout (or a console renderer for a person at a terminal).
 
-Chain: context -> level -> timestamp -> exception rendered -> secrets masked -> render. Masking
-runs last before the renderer, so it also sees rendered exceptions. aiohttp's and asyncio's own
-stdlib records go through the same chain (structlog's ProcessorFormatter), so nothing reaches
-stdout or stderr unmasked. `LogObserver` turns events into one `request` line per client request,
-one `retry` line per retry and one `breaker` line per state change.
+Chain: context -> level -> timestamp -> exception rendered -> secrets masked -> render. aiohttp's and
+asyncio's own stdlib records take the same chain (structlog's ProcessorFormatter), so nothing leaves
+unmasked. `LogObserver` writes one `request` line per request, one `retry` line per retry and one
+`breaker` line per state change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import functools
 import logging
 import os
 import queue
@@ -27,38 +28,21 @@ from .events import BreakerChange, Event, RequestFinished, RetryScheduled
 from .masking import mask, mask_event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-
-
-def _dumps(obj: Any, default: Any = None) -> str:
-    return orjson.dumps(obj, default=str).decode()
-
-
-def _renderer(fmt: str) -> Any:
-    if fmt == "console":
-        return structlog.dev.ConsoleRenderer(colors=False)
-    return structlog.processors.JSONRenderer(serializer=_dumps)
-
-
 _SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
+_ATOMIC = 4096  # PIPE_BUF: a write this small to a pipe is never interleaved with another process's
 
 
 class LineWriter:
-    """Batches log lines; a writer thread does the blocking writes to stdout.
+    """Batches log lines for a writer thread, so a stdout that stalls blocks that thread, never the traffic.
 
-    Under load thousands of requests finish per second. The event loop only appends a line, and
-    every `delay` seconds (50 ms) hands the batch to a writer thread: one write and flush per batch
-    instead of a system call per line, and a stdout that stalls (a full pipe that nobody reads)
-    blocks that thread, never the traffic. Order is kept. If the thread falls `max_pending` bytes
-    behind, newer batches are dropped and counted, and the thread writes a `log_lines_dropped`
-    line with the count once stdout moves again: memory stays bounded and the loss is visible.
-    Why 50 ms: each handoff wakes the thread, which must take the GIL from the loop; shorter
-    intervals cost measurable CPU per request (docs/benchmarks.md), 50 ms does not.
-    `flush()` writes everything now, in order (shutdown, and tests before they read stdout).
-    Writes go to whatever sys.stdout is at the time (test runners swap it).
+    Every `delay` seconds the loop hands the batch over: one write per batch, not a system call per
+    line; shorter intervals wake the thread (and take the GIL) more often, which costs CPU per request.
+    Order is kept. Batches beyond `max_pending` unwritten bytes are dropped and counted, and a
+    `log_lines_dropped` line reports the count once stdout moves again.
     """
 
     def __init__(self, delay: float = 0.05, max_pending: int = 64 * 2**20, flush_timeout: float = 5.0) -> None:
@@ -67,8 +51,8 @@ class LineWriter:
         self._delay = delay
         self._max_pending = max_pending
         self._flush_timeout = flush_timeout
-        self._queue: queue.SimpleQueue[list[bytes] | threading.Event] = queue.SimpleQueue()
-        self._state = threading.Lock()  # guards _pending and _dropped (loop thread and writer thread)
+        self._queue: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._state = threading.Condition()  # guards _pending and _dropped (loop thread and writer thread)
         self._pending = 0  # bytes handed to the thread and not yet written
         self._dropped = 0  # lines dropped since the last report
         self._thread: threading.Thread | None = None
@@ -105,18 +89,16 @@ class LineWriter:
         self._queue.put(pieces)
 
     def flush(self) -> None:
-        """Write everything handed over and everything batched, in order, before returning; waits
-        for the writer thread at most `flush_timeout` (a stalled stdout must not hang shutdown)."""
+        """Write everything, in order, now; wait for the writer thread at most `flush_timeout` (a
+        stalled stdout must not hang shutdown)."""
         self._scheduled = False
         parts, self._parts = self._parts, []
-        if self._thread is not None and self._thread.is_alive():
-            done = threading.Event()
-            self._queue.put(done)
-            if not done.wait(self._flush_timeout):
-                with self._state:
-                    self._dropped += len(parts)
+        with self._state:
+            if not self._state.wait_for(lambda: not self._pending, self._flush_timeout):
+                self._dropped += len(parts)
                 return
-        _write(_pieces(parts))
+        if parts:
+            _write(_pieces(parts))
 
     @property
     def pending(self) -> int:
@@ -125,31 +107,25 @@ class LineWriter:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            written = 0
-            if not isinstance(item, threading.Event):
-                _write(item)
-                written = sum(map(len, item))
+            pieces = self._queue.get()
+            _write(pieces)
             with self._state:
-                self._pending -= written
-                dropped = 0
-                if self._dropped and self._queue.empty():  # caught up: report after the backlog
-                    dropped, self._dropped = self._dropped, 0
+                dropped = self._dropped if self._queue.empty() else 0  # caught up: report after the backlog
+                self._dropped -= dropped
             if dropped:
                 _write([orjson.dumps({"event": "log_lines_dropped", "count": dropped,
                                       "reason": "stdout did not keep up", "level": "warning",
                                       "timestamp": _now()}, option=orjson.OPT_APPEND_NEWLINE)])
-            if isinstance(item, threading.Event):
-                item.set()  # a flush() waits for this: everything before it is written
+            with self._state:  # flush() waits for this: everything handed over is written
+                self._pending -= sum(map(len, pieces))
+                self._state.notify_all()
 
 
 def _write(pieces: list[bytes]) -> None:
     """Straight to stdout's file descriptor (the GIL is released while the write blocks), or
-    through sys.stdout when it has none (a test runner's capture)."""
-    if not pieces:
-        return
+    through sys.stdout when it has none (a test runner's capture; runners swap sys.stdout)."""
     out = sys.stdout
-    try:
+    with contextlib.suppress(OSError, ValueError):  # stdout closed or a broken pipe: nowhere left to log
         try:
             fd = out.fileno()
         except (AttributeError, OSError, ValueError):  # no descriptor (io.UnsupportedOperation)
@@ -162,16 +138,11 @@ def _write(pieces: list[bytes]) -> None:
             view = memoryview(piece)
             while view:
                 view = view[os.write(fd, view):]
-    except (OSError, ValueError):  # stdout closed or a broken pipe: nowhere left to log
-        pass
-
-
-_ATOMIC = 4096  # PIPE_BUF: a write this small to a pipe is never interleaved with another process's
 
 
 def _pieces(lines: list[str]) -> list[bytes]:
-    """Whole lines joined into writes of at most PIPE_BUF bytes, so the lines of several worker
-    processes sharing one stdout pipe never interleave mid-line."""
+    """Whole lines joined into writes of at most PIPE_BUF bytes, so the lines of worker processes
+    sharing one stdout pipe never interleave mid-line."""
     pieces: list[bytes] = []
     current: list[str] = []
     size = 0
@@ -194,44 +165,37 @@ atexit.register(WRITER.flush)  # a line still batched when the process exits is 
 class _StdoutLogger:
     """structlog's sink: rendered lines go through the shared LineWriter, in order."""
 
-    __slots__ = ()
-
     def msg(self, message: str) -> None:
         WRITER.write(message + "\n")
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
 
-def _stdout_logger(*args: Any) -> _StdoutLogger:
-    return _StdoutLogger()
+def _dumps(obj: Any, **kw: Any) -> str:
+    return orjson.dumps(obj, default=str).decode()  # any value orjson cannot serialize is written as str()
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler on whatever sys.stderr is now."""
+    """A StreamHandler on whatever sys.stderr is now (test runners swap it)."""
 
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
+    stream = property(lambda self: sys.stderr, lambda self, value: None)  # type: ignore[assignment]
 
 
 def configure(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog and route stdlib logging through the same masked chain."""
+    renderer = (structlog.dev.ConsoleRenderer(colors=False) if fmt == "console"
+                else structlog.processors.JSONRenderer(serializer=_dumps))
+    tail = [structlog.processors.format_exc_info, mask_event, renderer]
     structlog.configure(
-        processors=[*_SHARED, structlog.processors.format_exc_info, mask_event, _renderer(fmt)],
+        processors=[*_SHARED, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=_stdout_logger,
+        logger_factory=lambda *args: _StdoutLogger(),
         cache_logger_on_first_use=True,
     )
     handler = _StderrHandler()
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*_SHARED, structlog.stdlib.add_logger_name],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info, mask_event, _renderer(fmt)],
-    ))
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     server_log = logging.getLogger("aiohttp.server")
@@ -257,38 +221,23 @@ def get_logger() -> Any:
     return structlog.get_logger("openai_resilience_proxy")
 
 
-class _Timestamp:
+@functools.lru_cache(maxsize=1)
+def _date_and_time(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def _now() -> str:
     """structlog's ISO-8601 UTC format ("2026-11-23T01:22:32.860734Z"), the date part built once a second."""
-
-    __slots__ = ("_second", "_prefix")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def __call__(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
-
-
-_now = _Timestamp()
-
-
-def _masked(value: str | None) -> str | None:
-    return mask(value) if value else value
+    now = time.time()
+    second = int(now)
+    return f"{_date_and_time(second)}.{int((now - second) * 1_000_000):06d}Z"
 
 
 class LogObserver:
     """Events -> log lines. Observes only: it never steers a request.
 
-    The per-request line is the hot one: in JSON mode it is built as a dict and rendered by orjson
-    straight into the LineWriter, with the same fields, level and timestamp as structlog's lines and
-    the same masking applied to every field that comes from outside (route, method, category and
-    numbers come from fixed sets). The rare lines (retry, breaker) take structlog's full chain.
+    The hot `request` line, in JSON mode, is rendered by orjson straight into the LineWriter: the same
+    fields, masking (of what comes from outside) and format as structlog's lines, without its chain.
     """
 
     __slots__ = ("_log", "_fast", "_info")
@@ -299,37 +248,27 @@ class LogObserver:
         self._fast = fmt == "json" and logger is None
         self._info = _LEVELS[level] <= logging.INFO
 
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, RequestFinished):
-            self._request(event)
-        elif isinstance(event, RetryScheduled):
-            self._log.info("retry", route=event.route, attempt=event.attempt, category=event.category.value,
-                           upstream_status=event.status, delay_ms=round(event.delay_s * 1000, 1),
-                           reason=event.reason, delay_source=event.source)
-        elif isinstance(event, BreakerChange):
-            self._log.warning("breaker", breaker=event.breaker, routes=list(event.routes),
-                              old=event.old.name.lower(), new=event.new.name.lower())
-
-    def _request(self, e: RequestFinished) -> None:
-        if not self._info:
-            return
-        if self._fast:
-            WRITER.write(orjson.dumps({
-                "event": "request", "route": e.route, "method": e.method, "path": _masked(e.path),
+    def __call__(self, e: Event) -> None:
+        if isinstance(e, RequestFinished):
+            if not self._info:
+                return
+            line = {
+                "event": "request", "route": e.route, "method": e.method, "path": mask(e.path),
                 "status": e.status, "category": e.category.value, "attempts": e.attempts,
                 "stop_reason": e.stop_reason, "aborted": e.aborted, "duration_ms": round(e.duration_s * 1000, 2),
                 "ttfb_ms": round(e.ttfb_s * 1000, 2) if e.ttfb_s is not None else None,
                 "bytes_in": e.bytes_in, "bytes_out": e.bytes_out, "replayable": e.replayable,
-                "upstream_request_id": _masked(e.upstream_request_id), "client_sdk": _masked(e.client_sdk),
-                "client_request_id": _masked(e.client_request_id), "level": "info", "timestamp": _now(),
-            }, option=orjson.OPT_APPEND_NEWLINE).decode())
-            return
-        self._log.info(
-            "request", route=e.route, method=e.method, path=e.path, status=e.status, category=e.category.value,
-            attempts=e.attempts, stop_reason=e.stop_reason, aborted=e.aborted,
-            duration_ms=round(e.duration_s * 1000, 2),
-            ttfb_ms=round(e.ttfb_s * 1000, 2) if e.ttfb_s is not None else None,
-            bytes_in=e.bytes_in, bytes_out=e.bytes_out, replayable=e.replayable,
-            upstream_request_id=e.upstream_request_id, client_sdk=e.client_sdk,
-            client_request_id=e.client_request_id,
-        )
+                "upstream_request_id": mask(e.upstream_request_id), "client_sdk": mask(e.client_sdk),
+                "client_request_id": mask(e.client_request_id), "level": "info", "timestamp": _now(),
+            }
+            if self._fast:
+                WRITER.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
+            else:  # structlog's chain sets level and timestamp again, and masking twice changes nothing
+                self._log.info(**line)
+        elif isinstance(e, RetryScheduled):
+            self._log.info("retry", route=e.route, attempt=e.attempt, category=e.category.value,
+                           upstream_status=e.status, delay_ms=round(e.delay_s * 1000, 1), reason=e.reason,
+                           delay_source=e.source)
+        elif isinstance(e, BreakerChange):
+            self._log.warning("breaker", breaker=e.breaker, routes=list(e.routes), old=e.old.name.lower(),
+                              new=e.new.name.lower())
