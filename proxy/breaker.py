@@ -1,9 +1,7 @@
 """Circuit breakers: pybreaker's state machine, fed classified outcomes instead of wrapping the call.
 
-`allow()` before an attempt, `record()` once its outcome is known, `admits(at)` to ask without
-taking anything. The one addition to pybreaker: half-open admits exactly one probe at a time
-(Linkerd's probation; pybreaker's async path needs tornado and admits every caller). pybreaker
-stamps `opened_at` in its storage, which keeps it on an injected monotonic clock.
+The one addition: half-open admits exactly one probe at a time (Linkerd's probation; pybreaker's
+async path needs tornado and admits every caller). Its storage keeps `opened_at` on an injected clock.
 """
 
 from __future__ import annotations
@@ -44,12 +42,10 @@ class _ClockStorage(pybreaker.CircuitMemoryStorage):
     def __init__(self, clock: Callable[[], float]) -> None:
         super().__init__(pybreaker.STATE_CLOSED)
         self.clock = clock
-        self.opened_mono: float | None = None
+        self.opened_mono = 0.0  # stamped when pybreaker opens the breaker; read only while it is open
 
     @property  # type: ignore[override]
-    def opened_at(self) -> datetime | None:
-        if self.opened_mono is None:
-            return None
+    def opened_at(self) -> datetime:
         return datetime.now(UTC) - timedelta(seconds=self.open_for(self.clock()))
 
     @opened_at.setter
@@ -58,7 +54,7 @@ class _ClockStorage(pybreaker.CircuitMemoryStorage):
 
     def open_for(self, at: float) -> float:
         """Seconds from when pybreaker last opened the breaker to monotonic time `at`."""
-        return at - (self.opened_mono if self.opened_mono is not None else -math.inf)
+        return at - self.opened_mono
 
 
 class Breaker(pybreaker.CircuitBreakerListener):
