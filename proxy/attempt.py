@@ -170,23 +170,17 @@ async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emi
         outcome.deferred = True
     else:
         breaker.record(category, permit)
-    if up is not None:
-        emit(AttemptFinished(route.name, attempt, category, up.status, clock() - began,
-                             _int(up.headers.get("x-ratelimit-remaining-requests")),
-                             _int(up.headers.get("x-ratelimit-remaining-tokens"))))
-    else:
-        emit(AttemptFinished(route.name, attempt, category, None, clock() - began))
+    emit(AttemptFinished(route.name, attempt, category, up.status if up is not None else None, clock() - began,
+                         _header_int(up, "x-ratelimit-remaining-requests"),
+                         _header_int(up, "x-ratelimit-remaining-tokens")))
     return outcome
 
 
 def stream_ended(route: RoutePolicy, outcome: Outcome, category: Category, aborted: bool, complete: bool) -> None:
-    """After the commit, the breaker hears how the response ended (`category`): once for a deferred
-    stream, and a break after the headers for the half-open probe, which was recorded at them.
-    A client that leaves mid-stream says nothing about the upstream."""
-    if outcome.deferred:
-        if aborted or complete:
-            route.breaker.record(category)
-    elif aborted and outcome.verdict.category is Category.OK:
+    """After the commit, the breaker hears how the response ended (`category`): a deferred stream
+    when it ends, and any success cut after its headers (a probe was recorded at them). A client
+    that leaves mid-stream (neither aborted nor complete) says nothing about the upstream."""
+    if (outcome.deferred and complete) or (aborted and outcome.verdict.category is Category.OK):
         route.breaker.record(category)
 
 
@@ -202,11 +196,10 @@ def _small_stream(ex: Exchange, up: UpstreamResponse, body: bytes | None) -> Ver
     return Verdict(Category.SERVER) if end is StreamEnd.ERROR_EVENT else None
 
 
-def _int(value: str | None) -> int | None:
-    if value is None:
-        return None
+def _header_int(up: UpstreamResponse | None, name: str) -> int | None:
+    value = up.headers.get(name) if up is not None else None
     try:
-        return int(value)
+        return int(value) if value is not None else None
     except ValueError:
         return None
 

@@ -99,11 +99,8 @@ class UpstreamUnreachable(aiohttp.ClientConnectionError):
 
 
 def classify_exception(exc: BaseException) -> Category:
-    """Map an aiohttp client exception to a category, most specific class first.
-
-    aiohttp's ConnectionTimeoutError is a ServerTimeoutError, not a ClientConnectorError, so the
-    connect checks come before the timeout checks; ServerTimeoutError is also asyncio.TimeoutError.
-    """
+    """Map an aiohttp client exception to a category, most specific class first: aiohttp's
+    ConnectionTimeoutError is a ServerTimeoutError (an asyncio.TimeoutError), not a ClientConnectorError."""
     if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, UpstreamUnreachable)):
         return Category.CONNECT
     if isinstance(exc, asyncio.TimeoutError):  # SocketTimeoutError (first byte / idle) and total
