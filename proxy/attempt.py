@@ -208,8 +208,10 @@ def client_deadline(headers: Mapping[str, str], start: float, total: float) -> f
     """`timeouts.total`, or sooner when the SDK says how long it will wait (x-stainless-read-timeout):
     retrying for a client that has already given up only adds load."""
     value = headers.get("x-stainless-read-timeout")
+    if not value:
+        return start + total
     try:
-        seconds = float(value) if value else total
+        seconds = float(value)
     except ValueError:
-        seconds = total
+        return start + total
     return start + (seconds if 0 < seconds < total else total)

@@ -56,6 +56,7 @@ class RetryPolicy:
     def retries_enabled(self) -> bool:
         return self.max_attempts > 1
 
+
 def decide(policy: RetryPolicy, verdict: Verdict, *, attempt: int, replayable: bool,
            upstream_forbids: bool, hint: tuple[float, str] | None, remaining: float,
            budget: RetryBudget, rng: Random, admits: Callable[[float], bool] = lambda delay: True) -> RetryAfter | Stop:
