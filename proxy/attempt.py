@@ -1,5 +1,5 @@
-"""THE attempt loop: send -> classify -> decide -> wait -> send again. The only code that knows
-every piece; each piece is a pure decision it asks. Everything here happens before the commit.
+"""THE attempt loop: send -> classify -> decide -> wait -> send again, all before the commit. The
+only code that knows every piece (breaker, budget, retry policy, backoff); each is a decision it asks.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Outcome:
     prefetched: bytes | None = None  # body bytes already read from `response`
     complete: bool = False  # `prefetched` is the whole body
     error: BaseException | None = None  # set when there is no response
-    deferred: bool = False  # a stream the breaker has not heard about yet: the handler records its end
+    deferred: bool = False  # a stream the breaker has not heard about yet: stream_ended() tells it
 
     @classmethod
     def never_sent(cls) -> Outcome:
@@ -71,85 +71,76 @@ class Exchange(NamedTuple):
 
 
 async def _prefetch(up: UpstreamResponse, method: str) -> tuple[bytes | None, bool]:
-    """Read what must be read before the commit: a small known-length body whole (one write, and a
-    failure here is still retryable), or the head of an error body of unknown length (classification)."""
+    """(bytes read, whether they are the whole body): a small known-length body is read whole (one
+    write, and a failure here is still retryable), an error body of unknown length up to the limit."""
     length = up.content_length
-    if method == "HEAD" or up.status in (204, 304):
+    if method == "HEAD" or up.status in (204, 304) or (length is None and up.status < 400):
         return None, False
     if length is not None:
-        if length <= SMALL_BODY:
-            return await up.read(), True
-        return None, False
-    if up.status < 400:
-        return None, False
-    parts: list[bytes] = []
-    held = 0
-    while held <= ERROR_BODY_LIMIT:
+        return (await up.read(), True) if length <= SMALL_BODY else (None, False)
+    head = bytearray()
+    while len(head) <= ERROR_BODY_LIMIT:
         chunk = await up.content.readany()
         if not chunk:
-            return b"".join(parts), True
-        parts.append(chunk)
-        held += len(chunk)
-    return b"".join(parts), False
+            return bytes(head), True
+        head += chunk
+    return bytes(head), False
 
 
 async def run(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Emitter, *,
               clock: Callable[[], float], rng: Random, sleep: Sleep) -> Outcome:
     """Attempts until one succeeds or the policy stops.
 
-    Every attempt asks the breaker first. `circuit_open` is only ever the answer for a request that
-    was never sent; once one attempt has been made, a breaker that refuses the next one ends the
-    loop with that attempt's own outcome (stop reason `breaker`), so the client learns what the
-    upstream did. For that, a failed response is held across the backoff: a body read whole is
-    kept in memory (its connection back in the pool), any other response stays open until the
-    retry replaces it.
+    `circuit_open` answers only a request never sent: once an attempt was made, a breaker that
+    refuses the next one ends the loop with that attempt's outcome (stop reason `breaker`). So a
+    failed response is held across the backoff: a body read whole stays in memory (its connection
+    back in the pool), any other response stays open until the retry replaces it.
     """
-    policy = route.retry
     breaker = route.breaker
+    route.budget.deposit()
     attempt = 0
-    last: Outcome | None = None
+    outcome: Outcome | None = None  # the one response held open, discarded if anything raises
     try:
         while True:
             permit = breaker.allow()
             if permit is None:
-                if last is None:
+                if outcome is None:
                     return Outcome.never_sent()
-                last.stop = StopReason.BREAKER  # opened during the wait: the last answer stands
-                outcome, last = last, None
+                outcome.stop = StopReason.BREAKER  # opened during the wait: the last answer stands
                 return outcome
-            if last is not None:
-                last.discard()
-                last = None
+            if outcome is not None:
+                outcome.discard()
+                outcome = None
             attempt += 1
             outcome = await _attempt(client, route, ex, emit, permit, attempt, clock)
             category = outcome.verdict.category
             if category == "ok":
                 return outcome
             up = outcome.response
-            hint = parse_retry_after(up.headers, time.time()) if up is not None else None
-            forbids = up is not None and up.headers.get("x-should-retry") == "false"
-            decision = decide(policy, outcome.verdict, attempt=attempt, replayable=ex.body.replayable,
-                              upstream_forbids=forbids, hint=hint, remaining=ex.deadline - clock(),
-                              budget=route.budget, rng=rng, admits=lambda delay: breaker.admits(clock() + delay))
+            decision = decide(route.retry, outcome.verdict, attempt=attempt, replayable=ex.body.replayable,
+                              upstream_forbids=up is not None and up.headers.get("x-should-retry") == "false",
+                              hint=parse_retry_after(up.headers, time.time()) if up is not None else None,
+                              remaining=ex.deadline - clock(), budget=route.budget, rng=rng,
+                              admits=lambda delay: breaker.admits(clock() + delay))
             if not isinstance(decision, RetryAfter):
                 outcome.stop = decision.reason
                 return outcome
             if outcome.complete and up is not None:
                 up.release()  # read whole: keep the bytes, not the connection, across the wait
-            last = outcome
             emit(RetryScheduled(route.name, attempt, category, up.status if up is not None else None,
                                 decision.delay, decision.reason, decision.source))
             await sleep(decision.delay)
     except BaseException:
-        if last is not None:
-            last.discard()
+        if outcome is not None:
+            outcome.discard()
         raise
 
 
 async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Emitter, permit: Permit,
                    attempt: int, clock: Callable[[], float]) -> Outcome:
-    """One upstream call up to its classified response headers; the breaker hears of it here, except
-    for an ordinary stream, which it hears of when the stream ends (Outcome.deferred)."""
+    """One upstream call up to its classified response headers. The breaker hears of it here (a long
+    stream must not hold the probe), except an ordinary stream: it hears of that once, at its end
+    (stream_ended), so a stream cut after its headers is one failure, not a success and a failure."""
     breaker = route.breaker
     began = clock()
     timeout = route.timeout if attempt == 1 else aiohttp.ClientTimeout(
@@ -168,25 +159,29 @@ async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emi
         if up is not None:
             up.close()
             up = None
-        verdict = Verdict(classify_exception(exc))
-        outcome = Outcome(attempt, verdict, None, error=exc)
+        outcome = Outcome(attempt, Verdict(classify_exception(exc)), None, error=exc)
     except BaseException:
         breaker.release(permit)
         if up is not None:
             up.close()
         raise
-    category = verdict.category
+    category = outcome.verdict.category
     if category == "ok" and not outcome.complete and permit is Permit.PASS and up is not None:
-        outcome.deferred = True  # judged at its end: a stream cut after its headers is one failure
+        outcome.deferred = True
     else:
-        breaker.record(category, permit)  # at the headers: a long stream must not hold the probe
-    if up is not None:
-        emit(AttemptFinished(route.name, attempt, category, up.status, clock() - began,
-                             _int(up.headers.get("x-ratelimit-remaining-requests")),
-                             _int(up.headers.get("x-ratelimit-remaining-tokens"))))
-    else:
-        emit(AttemptFinished(route.name, attempt, category, None, clock() - began))
+        breaker.record(category, permit)
+    emit(AttemptFinished(route.name, attempt, category, up.status if up is not None else None, clock() - began,
+                         _header_int(up, "x-ratelimit-remaining-requests"),
+                         _header_int(up, "x-ratelimit-remaining-tokens")))
     return outcome
+
+
+def stream_ended(route: RoutePolicy, outcome: Outcome, category: Category, aborted: bool, complete: bool) -> None:
+    """After the commit, the breaker hears how the response ended (`category`): a deferred stream
+    when it ends, and any success cut after its headers (a probe was recorded at them). A client
+    that leaves mid-stream (neither aborted nor complete) says nothing about the upstream."""
+    if (outcome.deferred and complete) or (aborted and outcome.verdict.category is Category.OK):
+        route.breaker.record(category)
 
 
 def _small_stream(ex: Exchange, up: UpstreamResponse, body: bytes | None) -> Verdict | None:
@@ -201,11 +196,10 @@ def _small_stream(ex: Exchange, up: UpstreamResponse, body: bytes | None) -> Ver
     return Verdict(Category.SERVER) if end is StreamEnd.ERROR_EVENT else None
 
 
-def _int(value: str | None) -> int | None:
-    if value is None:
-        return None
+def _header_int(up: UpstreamResponse | None, name: str) -> int | None:
+    value = up.headers.get(name) if up is not None else None
     try:
-        return int(value)
+        return int(value) if value is not None else None
     except ValueError:
         return None
 
@@ -213,14 +207,11 @@ def _int(value: str | None) -> int | None:
 def client_deadline(headers: Mapping[str, str], start: float, total: float) -> float:
     """`timeouts.total`, or sooner when the SDK says how long it will wait (x-stainless-read-timeout):
     retrying for a client that has already given up only adds load."""
-    deadline = start + total
     value = headers.get("x-stainless-read-timeout")
-    if value:
-        try:
-            seconds = float(value)
-        except ValueError:
-            return deadline
-        if seconds > 0:
-            deadline = min(deadline, start + seconds)
-    return deadline
-
+    if not value:
+        return start + total
+    try:
+        seconds = float(value)
+    except ValueError:
+        return start + total
+    return start + (seconds if 0 < seconds < total else total)

@@ -16,44 +16,33 @@ Random = Callable[[], float]  # returns a float in [0, 1)
 
 def backoff_delay(retry: int, initial: float, maximum: float, multiplier: float, rng: Random) -> float:
     """The wait before retry number `retry` (1 for the first retry)."""
-    exponent = max(retry - 1, 0)
-    # guard the power against overflow: past the cap the exact value does not matter
-    if multiplier > 1 and exponent > math.log(max(maximum / initial, 1.0), multiplier) + 1:
+    try:
+        ceiling = min(maximum, initial * multiplier ** max(retry - 1, 0))
+    except OverflowError:  # past the cap the exact value does not matter
         ceiling = maximum
-    else:
-        ceiling = min(maximum, initial * multiplier**exponent)
     return ceiling * rng()
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float) -> tuple[float, str] | None:
-    """(seconds, header name) from `retry-after-ms` > `retry-after` seconds > `retry-after` HTTP-date.
-
-    `now` is wall-clock epoch seconds, needed only for the HTTP-date form. Unparsable, negative
-    or non-finite values are ignored, as the openai SDK does.
-    """
-    ms = headers.get("retry-after-ms")
+    """(seconds, header name) from `retry-after-ms` > `retry-after` seconds > `retry-after` HTTP-date (against
+    `now`, epoch seconds). Unparsable, negative or non-finite values are ignored, as the openai SDK does."""
+    ms = _number(headers.get("retry-after-ms"))
     if ms is not None:
-        seconds = _number(ms)
-        if seconds is not None:
-            return seconds / 1000.0, "retry-after-ms"
+        return ms / 1000.0, "retry-after-ms"
     value = headers.get("retry-after")
-    if value is None:
-        return None
     seconds = _number(value)
-    if seconds is not None:
-        return seconds, "retry-after"
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(when.timestamp() - now, 0.0), "retry-after"
+    if seconds is None and value is not None:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = max(when.timestamp() - now, 0.0) if when.tzinfo is not None else None
+    return None if seconds is None else (seconds, "retry-after")
 
 
-def _number(text: str) -> float | None:
+def _number(text: str | None) -> float | None:
     try:
-        x = float(text)
+        x = float(text) if text else math.nan
     except ValueError:
         return None
     return x if math.isfinite(x) and x >= 0 else None

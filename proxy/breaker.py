@@ -1,16 +1,7 @@
-"""Circuit breakers: pybreaker's state machine behind a two-method adapter.
+"""Circuit breakers: pybreaker's state machine, fed classified outcomes instead of wrapping the call.
 
-The breaker observes classified outcomes, it does not wrap the request: `allow()` before an
-attempt, `record(category)` once the outcome is known. The attempt loop records an error, a
-body read whole and the half-open probe at the response headers (a 10-minute stream must not
-hold the probe); an ordinary stream is recorded once, when it ends, so a stream that breaks
-after its headers is one failure, never a success followed by a failure. `admits(at)` answers
-without taking anything: whether an attempt at time `at` would pass (asked before reading a
-request body, and before waiting a backoff that could only end in a refusal).
-pybreaker's own async path needs tornado and admits every concurrent caller when half-open;
-here half-open admits exactly one probe at a time (Linkerd's probation): that is the one addition
-to pybreaker's state machine. pybreaker counts, trips, and stamps `opened_at` in its storage; the
-storage below keeps that stamp on an injected monotonic clock (tests pass a fake one).
+The one addition: half-open admits exactly one probe at a time (Linkerd's probation; pybreaker's
+async path needs tornado and admits every caller). Its storage keeps `opened_at` on an injected clock.
 """
 
 from __future__ import annotations
@@ -18,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 
 import pybreaker
@@ -36,43 +28,38 @@ class Permit(enum.Enum):
 
 
 class _Failure(Exception):
-    """What the adapter feeds pybreaker for a counted failure category."""
+    """What pybreaker is fed for a counted failure category."""
 
 
-def _ok() -> None:
-    return None
-
-
-def _fail() -> None:
-    raise _Failure
+def _report(failed: bool) -> None:
+    if failed:
+        raise _Failure
 
 
 class _ClockStorage(pybreaker.CircuitMemoryStorage):
-    """pybreaker's memory storage, with `opened_at` kept on the proxy's monotonic clock: pybreaker
-    stamps it when it opens, and reads it back as the datetime its own checks expect."""
+    """pybreaker's memory storage, with `opened_at` kept on the proxy's monotonic clock."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         super().__init__(pybreaker.STATE_CLOSED)
-        self._clock = clock
-        self.opened_mono: float | None = None
+        self.clock = clock
+        self.opened_mono = 0.0  # stamped when pybreaker opens the breaker; read only while it is open
 
     @property  # type: ignore[override]
-    def opened_at(self) -> datetime | None:
-        if self.opened_mono is None:
-            return None
-        return datetime.now(UTC) - timedelta(seconds=self._clock() - self.opened_mono)
+    def opened_at(self) -> datetime:
+        return datetime.now(UTC) - timedelta(seconds=self.open_for(self.clock()))
 
     @opened_at.setter
     def opened_at(self, value: datetime) -> None:
-        self.opened_mono = self._clock()
+        self.opened_mono = self.clock()
 
-    def open_for(self, at: float | None = None) -> float:
-        """Seconds since pybreaker last opened the breaker, now or at monotonic time `at`."""
-        now = self._clock() if at is None else at
-        return now - (self.opened_mono if self.opened_mono is not None else -math.inf)
+    def open_for(self, at: float) -> float:
+        """Seconds from when pybreaker last opened the breaker to monotonic time `at`."""
+        return at - self.opened_mono
 
 
-class Breaker:
+class Breaker(pybreaker.CircuitBreakerListener):
+    """One route's (or one group's) breaker; it listens to its own pybreaker for state changes."""
+
     __slots__ = ("name", "routes", "_cb", "_storage", "_count", "_probing", "_notify")
 
     def __init__(self, name: str, routes: tuple[str, ...], *, failure_threshold: int, reset_timeout: float,
@@ -85,7 +72,7 @@ class Breaker:
         self._notify = notify
         self._storage = _ClockStorage(clock)
         self._cb = pybreaker.CircuitBreaker(fail_max=failure_threshold, reset_timeout=reset_timeout, name=name,
-                                            throw_new_error_on_trip=False, listeners=[_Listener(self)],
+                                            throw_new_error_on_trip=False, listeners=[self],
                                             state_storage=self._storage)
 
     @property
@@ -97,12 +84,10 @@ class Breaker:
         state = self._cb.current_state
         if state == pybreaker.STATE_CLOSED:
             return Permit.PASS
-        if state == pybreaker.STATE_OPEN:
-            if self._storage.open_for() < self._cb.reset_timeout:
-                return None
-            self._cb.half_open()
-        if self._probing:
+        if not self.admits(self._storage.clock()):
             return None
+        if state == pybreaker.STATE_OPEN:
+            self._cb.half_open()
         self._probing = True
         return Permit.PROBE
 
@@ -110,11 +95,9 @@ class Breaker:
         """Whether `allow()` would give a permit at monotonic time `at` (now or after a wait), as far
         as is known now: open until its reset time, and half-open with the probe out, refuse."""
         state = self._cb.current_state
-        if state == pybreaker.STATE_CLOSED:
-            return True
         if state == pybreaker.STATE_OPEN:
             return self._storage.open_for(at) >= self._cb.reset_timeout
-        return not self._probing
+        return state == pybreaker.STATE_CLOSED or not self._probing
 
     def record(self, category: Category, permit: Permit | None = None) -> None:
         """Feed one classified outcome. Only the `count` categories are failures; any other answer
@@ -124,14 +107,10 @@ class Breaker:
         state = self._cb.current_state
         if state == pybreaker.STATE_OPEN or (state == pybreaker.STATE_HALF_OPEN and permit is not Permit.PROBE):
             return  # a late answer from before the breaker opened: only the probe decides now
-        if category in self._count:
-            try:
-                self._cb.call(_fail)
-            except _Failure:
-                pass
-        elif state != pybreaker.STATE_CLOSED or self._cb.fail_counter:
-            self._cb.call(_ok)
-        # else: a success while closed with no failures counted changes nothing; skip pybreaker's call
+        failed = category in self._count
+        if failed or state != pybreaker.STATE_CLOSED or self._cb.fail_counter:  # else nothing would change
+            with suppress(_Failure):
+                self._cb.call(_report, failed)
 
     def release(self, permit: Permit | None) -> None:
         """The attempt ended with no outcome (the client left): free the probe for the next request."""
@@ -142,18 +121,12 @@ class Breaker:
         """Whole seconds until the breaker may let a probe through (at least 1)."""
         if self._cb.current_state != pybreaker.STATE_OPEN:
             return 1
-        return max(1, math.ceil(self._cb.reset_timeout - self._storage.open_for()))
-
-    def _changed(self, old: str | None, new: str) -> None:
-        if new == pybreaker.STATE_OPEN:
-            self._probing = False
-        self._notify(BreakerChange(self.name, self.routes, _STATES.get(old or "", State.CLOSED), _STATES[new]))
-
-
-class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, owner: Breaker) -> None:
-        self._owner = owner
+        return max(1, math.ceil(self._cb.reset_timeout - self._storage.open_for(self._storage.clock())))
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: pybreaker.CircuitBreakerState | None,
                      new_state: pybreaker.CircuitBreakerState) -> None:
-        self._owner._changed(old_state.name if old_state else None, new_state.name)
+        """pybreaker's listener hook: a new period starts with no probe out; observers hear of it."""
+        if new_state.name == pybreaker.STATE_OPEN:
+            self._probing = False
+        old = _STATES[old_state.name] if old_state else State.CLOSED
+        self._notify(BreakerChange(self.name, self.routes, old, _STATES[new_state.name]))

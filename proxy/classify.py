@@ -48,8 +48,8 @@ OK = Verdict(Category.OK)
 def classify_status(status: int, body: bytes | None) -> Verdict:
     """Status plus a bounded prefix of the error body -> Verdict. Pure; table-tested.
 
-    429 is read by body: `insufficient_quota` (error.type first, then error.code) can not be
-    fixed by waiting, nor can "Request too large ... Requested > Limit" (it has no "Used").
+    429 is read by body: `insufficient_quota` (error.type or error.code) can not be fixed by
+    waiting, nor can "Request too large ... Requested > Limit" (it has no "Used").
     """
     if status < 400:
         return OK
@@ -57,41 +57,26 @@ def classify_status(status: int, body: bytes | None) -> Verdict:
         return Verdict(Category.SERVER)
     if status in (401, 403):
         return Verdict(Category.AUTHENTICATION, permanent=True)
-    if status == 429:
-        return _classify_429(body)
-    return Verdict(Category.CLIENT, permanent=True)
-
-
-_QUOTA = "insufficient_quota"
-
-
-def _classify_429(body: bytes | None) -> Verdict:
+    if status != 429:
+        return Verdict(Category.CLIENT, permanent=True)
     err = _error_object(body)
-    if err is not None:
-        if err.get("type") == _QUOTA or err.get("code") == _QUOTA:
-            return Verdict(Category.QUOTA_EXCEEDED, permanent=True)
-        message = err.get("message")
-        if isinstance(message, str) and _too_large(message):
-            return Verdict(Category.RATE_LIMIT, permanent=True)
-    return Verdict(Category.RATE_LIMIT)
-
-
-def _too_large(message: str) -> bool:
+    if "insufficient_quota" in (err.get("type"), err.get("code")):
+        return Verdict(Category.QUOTA_EXCEEDED, permanent=True)
+    message = err.get("message")
     # "Request too large for o3 ... Limit 30000, Requested 31756." (a "Used N" means: wait and retry)
-    return "Requested" in message and "Used" not in message and "too large" in message.lower()
+    too_large = (isinstance(message, str) and "Requested" in message and "Used" not in message
+                 and "too large" in message.lower())
+    return Verdict(Category.RATE_LIMIT, permanent=too_large)
 
 
-def _error_object(body: bytes | None) -> dict[str, object] | None:
-    if not body:
-        return None
+def _error_object(body: bytes | None) -> dict[str, object]:
+    """The body's `error` object (or the body itself when it is a bare one), else {}."""
     try:
-        doc = orjson.loads(body)
+        doc = orjson.loads(body or b"null")
     except orjson.JSONDecodeError:
-        return None
-    if not isinstance(doc, dict):
-        return None
-    err = doc.get("error", doc)
-    return err if isinstance(err, dict) else None
+        return {}
+    err = doc.get("error", doc) if isinstance(doc, dict) else None
+    return err if isinstance(err, dict) else {}
 
 
 class UnrelayableResponse(Exception):
@@ -114,48 +99,36 @@ class UpstreamUnreachable(aiohttp.ClientConnectionError):
 
 
 def classify_exception(exc: BaseException) -> Category:
-    """Map an aiohttp client exception to a category, most specific class first.
-
-    aiohttp's ConnectionTimeoutError is a ServerTimeoutError, not a ClientConnectorError, so the
-    connect checks come before the timeout checks; ServerTimeoutError is also asyncio.TimeoutError.
-    """
+    """Map an aiohttp client exception to a category, most specific class first: aiohttp's
+    ConnectionTimeoutError is a ServerTimeoutError (an asyncio.TimeoutError), not a ClientConnectorError."""
     if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, UpstreamUnreachable)):
         return Category.CONNECT
     if isinstance(exc, asyncio.TimeoutError):  # SocketTimeoutError (first byte / idle) and total
         return Category.TIMEOUT
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return Category.INVALID_RESPONSE
-    if isinstance(exc, aiohttp.ClientResponseError):  # unparsable status line or headers
-        return Category.INVALID_RESPONSE
     if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
         return Category.NETWORK
-    return Category.INVALID_RESPONSE
+    return Category.INVALID_RESPONSE  # ClientPayloadError, ClientResponseError (unparsable head), ...
+
+
+_DETAILS: tuple[tuple[type[BaseException], str], ...] = (  # most specific class first
+    (aiohttp.ClientConnectorDNSError, "its host name could not be resolved"),
+    (aiohttp.ClientConnectorCertificateError, "its TLS certificate could not be verified"),
+    (aiohttp.ClientSSLError, "the TLS handshake failed"),
+    (aiohttp.ConnectionTimeoutError, "no connection was established within the connect timeout"),
+    (aiohttp.ClientConnectorError, "the connection could not be established"),
+    (aiohttp.SocketTimeoutError, "no data arrived within the read timeout"),
+    (asyncio.TimeoutError, "the total timeout ran out"),
+    (aiohttp.ServerDisconnectedError, "the server closed the connection before responding"),
+    (aiohttp.ClientPayloadError, "the response body ended early or was malformed"),
+    (aiohttp.ClientResponseError, "the response could not be parsed"),
+)
 
 
 def failure_detail(exc: BaseException) -> str:
     """A short, secret-free phrase for a person: never str(exc), which may carry URLs or headers."""
     if isinstance(exc, (UnrelayableResponse, UpstreamUnreachable)):
         return exc.why
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return "its host name could not be resolved"
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return "its TLS certificate could not be verified"
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return "the TLS handshake failed"
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return "no connection was established within the connect timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        if isinstance(exc.os_error, ConnectionRefusedError):
-            return "the connection was refused"
-        return "the connection could not be established"
-    if isinstance(exc, aiohttp.SocketTimeoutError):
-        return "no data arrived within the read timeout"
-    if isinstance(exc, asyncio.TimeoutError):
-        return "the total timeout ran out"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection before responding"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "the response body ended early or was malformed"
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return "the response could not be parsed"
-    return "the connection failed"
+    if (isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ConnectionRefusedError)
+            and not isinstance(exc, (aiohttp.ClientConnectorDNSError, aiohttp.ClientSSLError))):
+        return "the connection was refused"
+    return next((phrase for cls, phrase in _DETAILS if isinstance(exc, cls)), "the connection failed")

@@ -1,7 +1,6 @@
 """The forward handler: route -> request body -> attempt loop -> commit (deliver or proxy error).
 
-It emits one RequestFinished per client request, whatever happens, including a client that
-leaves halfway (the handler is cancelled then).
+One RequestFinished per client request, whatever happens, even a client that leaves halfway.
 """
 
 from __future__ import annotations
@@ -59,7 +58,6 @@ class Forwarder:
                     body = await read_body(request, route.replay_limit, route.idle)
                 except BodyError as exc:
                     return await send_error(request, delivery, _body_error(exc), Category.CLIENT)
-                route.budget.deposit()
                 ex = attempt.Exchange(request.method, request.path, self._url(request.raw_path),
                                       request_headers(request.headers), body, start,
                                       attempt.client_deadline(request.headers, start, route.total))
@@ -71,24 +69,23 @@ class Forwarder:
                 outcome = attempt.Outcome.never_sent()
             extra = _coordination_headers(outcome, route)
             ttfb = self._clock() - start
-            if outcome.verdict.category is Category.CIRCUIT_OPEN:
-                return await send_error(request, delivery, circuit_open(route.breaker.name, route.breaker.retry_after(),
-                                                                        extra), Category.CIRCUIT_OPEN)
-            if outcome.response is None and body is not None and isinstance(body.data, Upload) and body.data.error:
-                # the client's upload broke, not the upstream
+            category = outcome.verdict.category
+            if outcome.response is not None:
+                return await deliver(request, delivery, outcome.response, outcome.prefetched, outcome.complete, extra,
+                                     route.idle, category, remaining=start + route.total - self._clock())
+            if category is Category.CIRCUIT_OPEN:
+                err = circuit_open(route.breaker.name, route.breaker.retry_after(), extra)
+            elif body is not None and isinstance(body.data, Upload) and body.data.error:  # the client's upload broke
                 return await send_error(request, delivery, _body_error(body.data.error), Category.CLIENT, extra)
-            if outcome.response is None:
+            else:
                 assert outcome.error is not None
-                err = upstream_failure(
-                    outcome.verdict.category, outcome.error, host=self._host, first_byte=route.first_byte,
-                    total=route.total, attempts=outcome.attempts, elapsed=self._clock() - start,
-                    stop=outcome.stop, headers=extra)
-                return await send_error(request, delivery, err, outcome.verdict.category)
-            return await deliver(request, delivery, outcome.response, outcome.prefetched, outcome.complete, extra,
-                                 route.idle, outcome.verdict.category, remaining=start + route.total - self._clock())
+                err = upstream_failure(category, outcome.error, host=self._host, first_byte=route.first_byte,
+                                       total=route.total, attempts=outcome.attempts, elapsed=self._clock() - start,
+                                       stop=outcome.stop, headers=extra)
+            return await send_error(request, delivery, err, category)
         finally:
             if outcome is not None and delivery.status is not None:
-                _record_stream_end(route, outcome, delivery)
+                attempt.stream_ended(route, outcome, delivery.category, delivery.aborted, delivery.complete)
             self._finished(request, route, start, ttfb, body, outcome, delivery)
 
     def _finished(self, request: web.BaseRequest, route: RoutePolicy, start: float, ttfb: float | None,
@@ -105,31 +102,14 @@ class Forwarder:
         ))
 
 
-def _record_stream_end(route: RoutePolicy, outcome: attempt.Outcome, d: Delivery) -> None:
-    """The breaker hears how a stream ended: once for an ordinary stream (deferred by the attempt
-    loop), and a break after the headers for the half-open probe, which was recorded at them.
-    A client that leaves mid-stream says nothing about the upstream."""
-    ended = d.aborted or d.complete
-    if outcome.deferred:
-        if ended:
-            route.breaker.record(d.category)
-    elif d.aborted and outcome.verdict.category is Category.OK:
-        route.breaker.record(d.category)
-
-
 def _body_error(exc: BodyError) -> ProxyError:
     return BODY_TIMEOUT if exc.timed_out else INCOMPLETE_BODY
 
 
 def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy) -> dict[str, str]:
-    """Tell the SDK what the proxy did, so retries do not multiply (design.md, client contract).
-
-    After a failure the proxy's policy has run: `x-should-retry: false` stops the SDK's own
-    retries. A route with max_attempts 1 leaves the SDK's retries alone.
-
-    An open breaker ends the SDK's retries on every route: its `retry-after` stays, as information
-    (an SDK that obeyed it would sleep the whole open period inside one call).
-    """
+    """Tell the SDK what the proxy did, so retries do not multiply (design.md, client contract): after
+    a failure the proxy's policy has run, unless the route has max_attempts 1. An open breaker ends the
+    SDK's retries on every route (an SDK that obeyed its `retry-after` would sleep inside one call)."""
     extra = {"x-proxy-attempts": str(outcome.attempts)}
     category = outcome.verdict.category
     if category is Category.CIRCUIT_OPEN or (category is not Category.OK and route.retry.retries_enabled):

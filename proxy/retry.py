@@ -1,7 +1,5 @@
-"""The retry decision: pure, one function, and the reason when the answer is no.
-
-Two levels, as in Envoy: `RetryPolicy.retries(verdict)` answers from config alone; `decide`
-adds attempts used, replayability, the upstream's word, the wait, the deadline and the budget.
+"""The retry decision: pure, one function, and the reason when the answer is no. As in Envoy, the
+cheap questions come first (category, attempts, replayability), the budget, which spends, last.
 """
 
 from __future__ import annotations
@@ -39,9 +37,6 @@ class Stop:
     reason: StopReason
 
 
-Decision = RetryAfter | Stop
-
-
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     max_attempts: int
@@ -61,13 +56,10 @@ class RetryPolicy:
     def retries_enabled(self) -> bool:
         return self.max_attempts > 1
 
-    def retries(self, verdict: Verdict) -> bool:
-        return verdict.category in self.retry_on and not verdict.permanent
-
 
 def decide(policy: RetryPolicy, verdict: Verdict, *, attempt: int, replayable: bool,
            upstream_forbids: bool, hint: tuple[float, str] | None, remaining: float,
-           budget: RetryBudget, rng: Random, admits: Callable[[float], bool] = lambda delay: True) -> Decision:
+           budget: RetryBudget, rng: Random, admits: Callable[[float], bool] = lambda delay: True) -> RetryAfter | Stop:
     """After failed attempt number `attempt`: wait and retry, or stop and say why.
 
     `hint` is a parsed Retry-After (seconds, header); `remaining` is the time left before the
@@ -75,7 +67,7 @@ def decide(policy: RetryPolicy, verdict: Verdict, *, attempt: int, replayable: b
     has passed (no waiting for a retry that cannot happen). The budget is asked last, because
     asking spends it.
     """
-    if upstream_forbids or not policy.retries(verdict):
+    if upstream_forbids or verdict.permanent or verdict.category not in policy.retry_on:
         return Stop(StopReason.NOT_RETRYABLE)
     if attempt >= policy.max_attempts:
         return Stop(StopReason.LIMIT)
