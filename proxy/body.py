@@ -57,58 +57,41 @@ class Upload:
         self._idle = idle
         self.error: BodyError | None = None
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        for chunk in self._prefix:
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        prefix, self._prefix = self._prefix, []
+        for chunk in prefix:
             yield chunk
-        self._prefix = []
-        while True:
-            try:
-                chunk = await _read(self._content, self._idle)
-            except BodyError as exc:
-                self.error = exc
-                raise
-            if not chunk:
-                return
-            yield chunk
+        try:
+            while chunk := await _read(self._content, self._idle):
+                yield chunk
+        except BodyError as exc:
+            self.error = exc
+            raise
 
 
 async def read_body(request: web.BaseRequest, replay_limit: int, idle: float) -> RequestBody:
     """Decide replayability from Content-Length when sent; for chunked bodies, by reading up to the limit.
-
-    A body already in the buffer (the common small JSON request) is taken without waiting or a
-    timer; otherwise each wait for more bytes is bounded by `idle`.
-    """
+    A body already in the buffer (the common small JSON request) is taken without a wait or a timer."""
     if not request.body_exists:
         return EMPTY
     content = request.content
     length = request.content_length
-    if length is not None:
-        if length > replay_limit:
-            return RequestBody(Upload([], content, idle), False, length)
-        data = content.read_nowait(length)
-        if len(data) == length:
-            return RequestBody(data, True, length)
-        parts = [data]
-        got = len(data)
-        while got < length:
-            chunk = await _read(content, idle)
-            if not chunk:
-                raise BodyError(timed_out=False)
-            parts.append(chunk)
-            got += len(chunk)
-        return RequestBody(b"".join(parts), True, length)
-    # chunked upload: buffer until the limit, then stream the rest through
-    chunks: list[bytes] = []
-    held = 0
-    while True:
+    if length is not None and length > replay_limit:
+        return RequestBody(Upload([], content, idle), False, length)
+    data = b"" if length is None else content.read_nowait(length)
+    if len(data) == length:
+        return RequestBody(data, True, length)
+    chunks = [data] if data else []
+    held = len(data)
+    while held != length:
         chunk = await _read(content, idle)
         if not chunk:
-            data = b"".join(chunks)
-            return RequestBody(data, True, len(data))
+            if length is not None:
+                raise BodyError(timed_out=False)
+            break
         chunks.append(chunk)
         held += len(chunk)
-        if held > replay_limit:
+        if held > replay_limit:  # chunked only: a known length was checked above
             return RequestBody(Upload(chunks, content, idle), False, None)
+    data = b"".join(chunks)
+    return RequestBody(data, True, len(data))
