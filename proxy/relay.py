@@ -19,16 +19,19 @@ from aiohttp import HttpVersion10, HttpVersion11
 
 from .classify import UPSTREAM_ERRORS, Category, classify_exception
 from .errors import ProxyError
-from .headers import Headers, is_event_stream, readable_stream, response_headers, serialize_head, without
+from .headers import Headers, is_event_stream, readable_stream, response_headers, serialize_head
 from .sse import StreamEnd, StreamWatcher, end_markers
 from .upstream import UpstreamResponse, switch_to_idle_timeout
+
+_SMALL_WRITE = 16 * 1024  # below this, head + body are joined into one buffer; above, written as two
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 @dataclass(slots=True)
 class Delivery:
-    """How the response went to the client. The handler makes it before anything is sent and reads
-    it whatever happens, so a handler cancelled mid-write (a client that closes as soon as it has
-    read `data: [DONE]`) is still logged with what was written."""
+    """How the response went to the client. Made before anything is sent and read whatever happens,
+    so a handler cancelled mid-write (a client that closes once it has read `data: [DONE]`) still
+    logs what was written."""
 
     status: int | None = None  # None until the status line was sent (the commit)
     category: Category = Category.OK  # after the commit: ok, or what broke the stream
@@ -40,7 +43,7 @@ class Delivery:
 
 
 async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response, category: Category) -> None:
-    """Write a response whose body is in memory (prefetched, or proxy-made)."""
+    """Write a response whose body is in memory through aiohttp (the bodiless answers)."""
     d.category = category
     try:
         await resp.prepare(request)
@@ -53,13 +56,16 @@ async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response, 
 
 
 class _Sent(web.StreamResponse):
-    """A response already written whole by `send_complete`: aiohttp's finish step (prepare,
-    write_eof) has nothing left to do, and reads only whether to keep the connection."""
+    """A response `send_complete` already wrote: aiohttp's finish step (prepare, write_eof) has
+    nothing left to do, and reads only whether to keep the connection."""
 
-    def __init__(self, status: int, keep_alive: bool, length: int) -> None:
+    def __init__(self, status: int, keep_alive: bool) -> None:
         super().__init__(status=status)
-        self._keep_alive = keep_alive
-        self._sent_length = length
+        self._sent_keep_alive = keep_alive
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._sent_keep_alive
 
     async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
         return None
@@ -67,26 +73,12 @@ class _Sent(web.StreamResponse):
     async def write_eof(self, data: bytes = b"") -> None:
         return None
 
-    @property
-    def body_length(self) -> int:
-        return self._sent_length
-
-
-_SMALL_WRITE = 16 * 1024  # below this, head + body are joined into one buffer; above, written as two
-
 
 async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reason: str, headers: Headers,
                         body: bytes, has_date: bool, category: Category) -> web.StreamResponse:
-    """A response whose body is in memory, written as one piece: status line, headers and body.
-
-    The common case (a JSON answer read whole before the commit). aiohttp's Response would do the
-    same write through a response object, a header multidict and five coroutines, measurably more CPU per
-    request (docs/benchmarks.md); here it is one serialisation (headers.serialize_head, which rejects CR/LF)
-    and one transport write. What aiohttp would add is added: Content-Length, Date when the
-    upstream sent none, and the Connection header for the client's keep-alive choice. Flow control
-    is kept: a client that does not read makes this wait (drain), as aiohttp's writer would.
-    Not for bodiless answers (HEAD, 1xx, 204, 304): those take aiohttp's path.
-    """
+    """Status line, headers and an in-memory body in one transport write: cheaper than aiohttp's
+    Response (docs/benchmarks.md), which it matches in Content-Length, Date, Connection and flow
+    control (a client that does not read makes this wait). Not for bodiless answers."""
     version = request.version
     keep_alive = request.keep_alive
     out = [*headers, ("Content-Length", str(len(body)))]
@@ -102,7 +94,7 @@ async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reas
     transport = request.transport
     if transport is None or transport.is_closing():
         d.client_gone = True
-        return _Sent(status, False, 0)
+        return _Sent(status, False)
     if len(body) < _SMALL_WRITE:
         transport.write(head + body)
     else:
@@ -114,7 +106,7 @@ async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reas
         d.complete = True
     except ConnectionError:
         d.client_gone = True
-    return _Sent(status, keep_alive and not d.client_gone, len(body))
+    return _Sent(status, keep_alive and not d.client_gone)
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -135,17 +127,13 @@ def _bodiless(method: str, status: int) -> bool:
 
 async def send_error(request: web.BaseRequest, d: Delivery, err: ProxyError, category: Category,
                      extra: Mapping[str, str] | None = None) -> web.StreamResponse:
-    """A proxy-made answer (errors.py), in one write like a prefetched body; HEAD gets aiohttp's
-    bodiless path."""
+    """A proxy-made answer (errors.py), written like a prefetched body."""
     if _bodiless(request.method, err.status):
         resp = err.response(extra)
         await send_whole(request, d, resp, category)
         return resp
     headers, body = err.parts(extra)
     return await send_complete(request, d, err.status, _REASONS.get(err.status, ""), headers, body, False, category)
-
-
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefetched: bytes | None,
@@ -158,21 +146,19 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
     try:
         headers = response_headers(up.headers)
         if "x-should-retry" in extra:
-            headers = without(headers, "x-should-retry")
+            headers = [h for h in headers if h[0].lower() != "x-should-retry"]
         headers.extend(extra.items())
-        resp: web.StreamResponse
-        if complete and prefetched is not None and not _bodiless(request.method, up.status):
-            finished = True
-            resp = await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
-                                       "Date" in up.headers, category)
-        elif complete:
-            finished = True
-            resp = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
-            await send_whole(request, d, resp, category)  # type: ignore[arg-type]
-        else:
+        if not complete:
             resp = await _stream(request, d, up, prefetched, headers, idle, category, remaining)
             finished = d.complete and not d.aborted and not d.client_gone
-        return resp
+            return resp
+        finished = True
+        if prefetched is not None and not _bodiless(request.method, up.status):
+            return await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
+                                       "Date" in up.headers, category)
+        whole = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
+        await send_whole(request, d, whole, category)
+        return whole
     finally:
         if finished:
             up.release()
@@ -182,9 +168,8 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
 
 async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefix: bytes | None,
                   headers: Headers, idle: float, category: Category, remaining: float) -> web.StreamResponse:
-    """Copy the body after the commit. `remaining` is what is left of timeouts.total: the upstream
-    client bounds its own reads by it, but a client that stops reading would hold this handler
-    (blocked writing) and the upstream connection forever; one timer for the whole copy ends that."""
+    """Copy the body after the commit. `remaining` (of timeouts.total) bounds the whole copy: else
+    a client that stops reading would hold this handler and the upstream connection forever."""
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
     d.category = category
     if up.content_length is not None:
@@ -216,15 +201,16 @@ async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
 
 
 async def _copy(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery, up: UpstreamResponse,
-                prefix: bytes | None, watcher: StreamWatcher | None) -> None:
-    """Chunks as they arrive; an upstream failure or a stream without its end marker aborts."""
-    if prefix:
-        if watcher is not None:
-            watcher.feed(prefix)
-        d.bytes_out += len(prefix)
-        await resp.write(prefix)
+                chunk: bytes | None, watcher: StreamWatcher | None) -> None:
+    """Chunks as they arrive, from the prefetched `chunk` on; an upstream failure or a stream
+    without its end marker aborts."""
     content = up.content
     while True:
+        if chunk:
+            if watcher is not None:
+                watcher.feed(chunk)
+            d.bytes_out += len(chunk)
+            await resp.write(chunk)
         try:
             chunk = await content.readany()
         except UPSTREAM_ERRORS as exc:
@@ -235,10 +221,6 @@ async def _copy(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery,
             return
         if not chunk:
             break
-        if watcher is not None:
-            watcher.feed(chunk)
-        d.bytes_out += len(chunk)
-        await resp.write(chunk)
     if watcher is not None:
         end = watcher.result()
         if end is StreamEnd.TRUNCATED:
