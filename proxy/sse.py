@@ -1,28 +1,19 @@
 """Judging an event stream at its end: complete, truncated, or carrying an in-band error.
 
 openai-python ends a stream cut before its end marker without an error, so the relay aborts such a
-stream even when the upstream closed it cleanly. Only endpoints with a known end are judged: chat
-completions and completions end with `data: [DONE]`, the Responses API with a terminal
-`response.completed` / `response.failed` / `response.incomplete` event. Pure: fed bytes, no I/O.
+stream even when the upstream closed it cleanly. Ends are known for chat completions and completions
+(`data: [DONE]`) and the Responses API (a terminal `response.*` event). Pure: fed bytes, no I/O.
 
 Markers count only as whole SSE fields at line starts (WHATWG event stream interpretation), so a
-token `data: [DONE]` inside a JSON string never ends a cut stream as complete:
+token `data: [DONE]` inside a JSON string never ends a cut stream. Lines end with CRLF, LF or CR; one
+space after the colon is dropped; a BOM at stream start is skipped. An in-band error is a `data` JSON
+object with a truthy top-level `error` (chat) or `"type": "error"` (Responses). An `event:` line counts
+once its `data` line has arrived (the client needs the final object). A last line without its newline
+counts only when provably whole (`[DONE]`, or valid JSON): a cut line looks exactly like that.
 
-- lines end with CRLF, LF or CR; one space after the field's colon is dropped (`data:[DONE]` is
-  valid); comments (`:`) and other fields are ignored; a UTF-8 BOM at stream start is skipped;
-- chat: a `data` value starting with `[DONE]` ends the stream (the SDKs' own test); a JSON object
-  with a truthy top-level `error` is an in-band error (what makes the SDKs raise);
-- Responses: a `data` JSON object with a terminal top-level `type` ends the stream, `"type": "error"`
-  is an in-band error; an `event:` field naming either counts once its `data` line has arrived
-  (cut between the two, the client misses the final response object);
-- a marker needs its line complete, not the blank line that dispatches the event. A last line
-  without its newline counts at EOF only when provably whole (`[DONE]`, or a value that parses as
-  JSON): a cut line looks exactly like that.
-
-Cost: `feed` runs for every chunk. Only the unfinished last line is kept between chunks, up to
-`_LINE_CAP` bytes (a longer line is judged by that prefix: a terminal `type` must be its first key,
-as OpenAI writes it). A chunk without any marker word is not split into lines; JSON is parsed only
-for lines that pass that filter.
+Cost: only the unfinished last line is kept between chunks, up to `_LINE_CAP` bytes (a longer line is
+judged by that prefix: a terminal `type` must be its first key, as OpenAI writes it). Chunks without a
+marker word are not split into lines; JSON is parsed only for lines that pass that filter.
 """
 
 from __future__ import annotations
@@ -96,10 +87,8 @@ class StreamWatcher:
         if not chunk:
             return
         n = len(chunk)
-        c = chunk[-1]
-        if c == 10 or c == 13:  # the usual chunk: whole lines
-            last = n - 1
-        else:
+        last = n - 1
+        if (c := chunk[last]) != 10 and c != 13:  # not the usual chunk of whole lines
             last = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
             if last < 0:  # no line ends here: all of it continues the unfinished line
                 self._keep(chunk, 0)
@@ -142,14 +131,10 @@ class StreamWatcher:
 
     def _keep(self, chunk: bytes, start: int) -> None:
         """Append chunk[start:] to the unfinished line, up to _LINE_CAP bytes in all."""
-        if self._over:
-            return
-        room = _LINE_CAP - len(self._pending)
-        if len(chunk) - start > room:
-            self._pending += chunk[start:start + room]
-            self._over = True
-        else:
-            self._pending += chunk[start:] if start else chunk
+        if not self._over:
+            room = _LINE_CAP - len(self._pending)
+            self._over = len(chunk) - start > room
+            self._pending += chunk[start:start + room] if start or self._over else chunk
 
     def _mark(self, end: StreamEnd) -> None:
         if self._end is not StreamEnd.ERROR_EVENT:  # an in-band error stays the verdict
