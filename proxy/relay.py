@@ -1,21 +1,18 @@
-"""The downstream side of one exchange: the commit point and the body copy.
-
-After the commit (status line sent) no retry is possible: an upstream failure, or an event
-stream that ends without its end marker, aborts the client connection. The client then sees an
-incomplete chunked body or a short Content-Length, never a clean end that looks complete.
-"""
+"""The commit point and the body copy. After the status line is sent no retry is possible: an
+upstream failure, or an event stream without its end marker, aborts the client connection, so the
+client sees an incomplete chunked body or a short Content-Length, never a clean end."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Mapping
 from email.utils import formatdate
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from aiohttp import web
-from aiohttp import HttpVersion10, HttpVersion11
+from aiohttp import HttpVersion10, HttpVersion11, web
 
 from .classify import UPSTREAM_ERRORS, Category, classify_exception
 from .errors import ProxyError
@@ -29,9 +26,8 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 @dataclass(slots=True)
 class Delivery:
-    """How the response went to the client. Made before anything is sent and read whatever happens,
-    so a handler cancelled mid-write (a client that closes once it has read `data: [DONE]`) still
-    logs what was written."""
+    """How the response went to the client: made before anything is sent and read whatever happens,
+    so a handler cancelled mid-write (a client gone once it read `data: [DONE]`) logs what was sent."""
 
     status: int | None = None  # None until the status line was sent (the commit)
     category: Category = Category.OK  # after the commit: ok, or what broke the stream
@@ -42,7 +38,7 @@ class Delivery:
     upstream_request_id: str | None = None
 
 
-async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response, category: Category) -> None:
+async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response, category: Category) -> web.Response:
     """Write a response whose body is in memory through aiohttp (the bodiless answers)."""
     d.category = category
     try:
@@ -53,6 +49,7 @@ async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response, 
     except ConnectionError:
         d.client_gone = True
     d.bytes_out = len(resp.body) if isinstance(resp.body, bytes) else 0  # the body, as on every path
+    return resp
 
 
 class _Sent(web.StreamResponse):
@@ -83,7 +80,7 @@ async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reas
     keep_alive = request.keep_alive
     out = [*headers, ("Content-Length", str(len(body)))]
     if not has_date:
-        out.append(("Date", _http_date()))
+        out.append(("Date", _http_date(int(time.time()))))
     if not keep_alive:
         if version == HttpVersion11:
             out.append(("Connection", "close"))
@@ -109,16 +106,10 @@ async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reas
     return _Sent(status, keep_alive and not d.client_gone)
 
 
-_date_cache: tuple[int, str] = (0, "")
-
-
-def _http_date() -> str:
+@functools.lru_cache(maxsize=1)
+def _http_date(now: int) -> str:
     """The Date header's value (RFC 9110 IMF-fixdate), formatted once per second."""
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True))
-    return _date_cache[1]
+    return formatdate(now, usegmt=True)
 
 
 def _bodiless(method: str, status: int) -> bool:
@@ -129,9 +120,7 @@ async def send_error(request: web.BaseRequest, d: Delivery, err: ProxyError, cat
                      extra: Mapping[str, str] | None = None) -> web.StreamResponse:
     """A proxy-made answer (errors.py), written like a prefetched body."""
     if _bodiless(request.method, err.status):
-        resp = err.response(extra)
-        await send_whole(request, d, resp, category)
-        return resp
+        return await send_whole(request, d, err.response(extra), category)
     headers, body = err.parts(extra)
     return await send_complete(request, d, err.status, _REASONS.get(err.status, ""), headers, body, False, category)
 
@@ -156,9 +145,8 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
         if prefetched is not None and not _bodiless(request.method, up.status):
             return await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
                                        "Date" in up.headers, category)
-        whole = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
-        await send_whole(request, d, whole, category)
-        return whole
+        resp = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
+        return await send_whole(request, d, resp, category)
     finally:
         if finished:
             up.release()
