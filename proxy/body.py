@@ -1,14 +1,12 @@
-"""Request bodies: held in memory when small enough to replay, otherwise streamed through once.
-
-Retries need the body again, so bodies up to `replay_limit` are read whole (they are small: JSON
-requests). A larger one (a 512 MiB file upload) is forwarded as it arrives and never held whole;
-such a request cannot be retried, which `RequestBody.replayable` says up front.
-"""
+"""Request bodies: retries need the body again, so one up to `replay_limit` (JSON requests) is read
+whole; a larger one (a 512 MiB upload) is forwarded once as it arrives, never held whole, and the
+request cannot be retried, which `RequestBody.replayable` says up front."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from aiohttp import StreamReader, web
@@ -45,24 +43,22 @@ async def _read(content: StreamReader, idle: float) -> bytes:
         raise BodyError(timed_out=True) from None
 
 
+@dataclass(slots=True)
 class Upload:
     """The rest of a large body, forwarded as it arrives. Remembers its own failure, so the handler
     blames the client (400/408), not the upstream, when the upload breaks on the client's side."""
 
-    __slots__ = ("_prefix", "_content", "_idle", "error")
-
-    def __init__(self, prefix: list[bytes], content: StreamReader, idle: float) -> None:
-        self._prefix = prefix
-        self._content = content
-        self._idle = idle
-        self.error: BodyError | None = None
+    prefix: list[bytes]  # what was read before the body turned out too large to hold
+    content: StreamReader
+    idle: float
+    error: BodyError | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        prefix, self._prefix = self._prefix, []
+        prefix, self.prefix = self.prefix, []
         for chunk in prefix:
             yield chunk
         try:
-            while chunk := await _read(self._content, self._idle):
+            while chunk := await _read(self.content, self.idle):
                 yield chunk
         except BodyError as exc:
             self.error = exc
