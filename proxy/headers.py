@@ -1,8 +1,5 @@
-"""Which headers cross the proxy. Pure functions over header multidicts.
-
-RFC 9110 7.6.1: hop-by-hop headers (and any header the Connection header names) describe one
-connection and must not be forwarded. Everything end-to-end, Authorization included, passes as is.
-"""
+"""Which headers cross the proxy (RFC 9110 7.6.1): hop-by-hop headers, and any the Connection header
+names, describe one connection and stay behind; everything end-to-end, Authorization included, passes."""
 
 from __future__ import annotations
 
