@@ -130,7 +130,7 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
                   remaining: float) -> web.StreamResponse:
     """Send `up` to the client, with the proxy's coordination headers `extra` in place of any the
     upstream sent. Owns `up`: it is released or closed on every path out."""
-    finished = False
+    reusable = complete  # a body read whole leaves the upstream connection between responses
     d.upstream_request_id = up.headers.get("x-request-id")
     try:
         headers = response_headers(up.headers)
@@ -139,16 +139,15 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
         headers.extend(extra.items())
         if not complete:
             resp = await _stream(request, d, up, prefetched, headers, idle, category, remaining)
-            finished = d.complete and not d.aborted and not d.client_gone
+            reusable = d.complete and not d.aborted and not d.client_gone
             return resp
-        finished = True
         if prefetched is not None and not _bodiless(request.method, up.status):
             return await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
                                        "Date" in up.headers, category)
         resp = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
         return await send_whole(request, d, resp, category)
     finally:
-        if finished:
+        if reusable:
             up.release()
         else:
             up.close()  # drop the upstream connection: the exchange did not finish

@@ -89,7 +89,9 @@ class StreamWatcher:
         n = len(chunk)
         last = n - 1
         if (c := chunk[last]) != 10 and c != 13:  # not the usual chunk of whole lines
-            last = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+            last = chunk.rfind(b"\n")
+            if (cr := chunk.rfind(b"\r")) > last:
+                last = cr
             if last < 0:  # no line ends here: all of it continues the unfinished line
                 self._keep(chunk, 0)
                 return
@@ -100,8 +102,11 @@ class StreamWatcher:
             if cr >= 0:
                 first = cr
             pending = self._pending
-            self._line(bytes(pending) if self._over else bytes(pending) + chunk[:first], self._over, False)
-            self._over = False
+            if self._over:
+                self._line(bytes(pending), True, False)
+                self._over = False
+            else:
+                self._line(bytes(pending) + chunk[:first], False, False)
             pending.clear()
             start = first + 1
         # (find, not `in`: bytes.__contains__ goes through the buffer protocol and is slower)
@@ -129,12 +134,14 @@ class StreamWatcher:
         self._head = None
         return head[3:] if head.startswith(_BOM) else head
 
-    def _keep(self, chunk: bytes, start: int) -> None:
-        """Append chunk[start:] to the unfinished line, up to _LINE_CAP bytes in all."""
+    def _keep(self, chunk: bytes, start: int) -> None:  # chunk[start:] continues the unfinished line
         if not self._over:
             room = _LINE_CAP - len(self._pending)
-            self._over = len(chunk) - start > room
-            self._pending += chunk[start:start + room] if start or self._over else chunk
+            if len(chunk) - start > room:
+                self._pending += chunk[start:start + room]
+                self._over = True
+            else:
+                self._pending += chunk[start:] if start else chunk
 
     def _mark(self, end: StreamEnd) -> None:
         if self._end is not StreamEnd.ERROR_EVENT:  # an in-band error stays the verdict
