@@ -38,9 +38,8 @@ class Delivery:
     upstream_request_id: str | None = None
 
 
-async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response, category: Category) -> web.Response:
+async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response) -> web.Response:
     """Write a response whose body is in memory through aiohttp (the bodiless answers)."""
-    d.category = category
     try:
         await resp.prepare(request)
         d.status = resp.status
@@ -72,7 +71,7 @@ class _Sent(web.StreamResponse):
 
 
 async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reason: str, headers: Headers,
-                        body: bytes, has_date: bool, category: Category) -> web.StreamResponse:
+                        body: bytes, has_date: bool) -> web.StreamResponse:
     """Status line, headers and an in-memory body in one transport write: cheaper than aiohttp's
     Response (docs/benchmarks.md), which it matches in Content-Length, Date, Connection and flow
     control (a client that does not read makes this wait). Not for bodiless answers."""
@@ -87,7 +86,6 @@ async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reas
     elif version == HttpVersion10:
         out.append(("Connection", "keep-alive"))
     head = serialize_head(f"HTTP/{version.major}.{version.minor} {status} {reason}", out)
-    d.category = category
     transport = request.transport
     if transport is None or transport.is_closing():
         d.client_gone = True
@@ -119,10 +117,11 @@ def _bodiless(method: str, status: int) -> bool:
 async def send_error(request: web.BaseRequest, d: Delivery, err: ProxyError, category: Category,
                      extra: Mapping[str, str] | None = None) -> web.StreamResponse:
     """A proxy-made answer (errors.py), written like a prefetched body."""
+    d.category = category
     if _bodiless(request.method, err.status):
-        return await send_whole(request, d, err.response(extra), category)
+        return await send_whole(request, d, err.response(extra))
     headers, body = err.parts(extra)
-    return await send_complete(request, d, err.status, _REASONS.get(err.status, ""), headers, body, False, category)
+    return await send_complete(request, d, err.status, _REASONS.get(err.status, ""), headers, body, False)
 
 
 async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefetched: bytes | None,
@@ -132,20 +131,21 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
     upstream sent. Owns `up`: it is released or closed on every path out."""
     reusable = complete  # a body read whole leaves the upstream connection between responses
     d.upstream_request_id = up.headers.get("x-request-id")
+    d.category = category
     try:
         headers = response_headers(up.headers)
         if "x-should-retry" in extra:
             headers = [h for h in headers if h[0].lower() != "x-should-retry"]
         headers.extend(extra.items())
         if not complete:
-            resp = await _stream(request, d, up, prefetched, headers, idle, category, remaining)
+            resp = await _stream(request, d, up, prefetched, headers, idle, remaining)
             reusable = d.complete and not d.aborted and not d.client_gone
             return resp
         if prefetched is not None and not _bodiless(request.method, up.status):
             return await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
-                                       "Date" in up.headers, category)
-        resp = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
-        return await send_whole(request, d, resp, category)
+                                       "Date" in up.headers)
+        return await send_whole(request, d, web.Response(status=up.status, reason=up.reason, body=prefetched,
+                                                         headers=headers))
     finally:
         if reusable:
             up.release()
@@ -154,11 +154,10 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
 
 
 async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefix: bytes | None,
-                  headers: Headers, idle: float, category: Category, remaining: float) -> web.StreamResponse:
+                  headers: Headers, idle: float, remaining: float) -> web.StreamResponse:
     """Copy the body after the commit. `remaining` (of timeouts.total) bounds the whole copy: else
     a client that stops reading would hold this handler and the upstream connection forever."""
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-    d.category = category
     if up.content_length is not None:
         resp.content_length = up.content_length
     watcher = None
@@ -172,25 +171,31 @@ async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
         await resp.prepare(request)  # the commit point
         d.status = up.status
         async with asyncio.timeout(max(remaining, 0.001)):
-            await _copy(request, resp, d, up, prefix, watcher)
+            broken = await _copy(resp, d, up, prefix, watcher)
     except ConnectionError:
         d.client_gone = True  # normal traffic, not an error
+        return resp
     except TimeoutError:
-        d.category = Category.TIMEOUT  # the total ran out while the client was not reading
-        _abort(request, resp, d)
+        broken = Category.TIMEOUT  # the total ran out while the client was not reading
     except asyncio.CancelledError:
         # The client closed while the copy waited. The SDKs close as soon as they have read a
         # stream's end marker, before the upstream's own end: then everything was delivered.
         d.complete = d.complete or (watcher is not None and watcher.result() is StreamEnd.COMPLETE) or (
             up.content_length is not None and d.bytes_out >= up.content_length)
         raise
+    if broken is not None:  # end the connection without the final chunk: no client takes it for complete
+        d.category = broken
+        d.aborted = True
+        resp.force_close()
+        if request.transport is not None:
+            request.transport.abort()
     return resp
 
 
-async def _copy(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery, up: UpstreamResponse,
-                chunk: bytes | None, watcher: StreamWatcher | None) -> None:
-    """Chunks as they arrive, from the prefetched `chunk` on; an upstream failure or a stream
-    without its end marker aborts."""
+async def _copy(resp: web.StreamResponse, d: Delivery, up: UpstreamResponse, chunk: bytes | None,
+                watcher: StreamWatcher | None) -> Category | None:
+    """Chunks as they arrive, from the prefetched `chunk` on. Returns why the client connection must
+    be aborted (an upstream failure, a stream without its end marker), or None."""
     content = up.content
     while True:
         if chunk:
@@ -201,29 +206,16 @@ async def _copy(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery,
         try:
             chunk = await content.readany()
         except UPSTREAM_ERRORS as exc:
-            d.category = classify_exception(exc)
-            if d.category is Category.CONNECT:  # cannot happen mid-body; keep the categories honest
-                d.category = Category.NETWORK
-            _abort(request, resp, d)
-            return
+            category = classify_exception(exc)  # connect cannot happen mid-body: keep the categories honest
+            return Category.NETWORK if category is Category.CONNECT else category
         if not chunk:
             break
     if watcher is not None:
         end = watcher.result()
         if end is StreamEnd.TRUNCATED:
-            d.category = Category.INVALID_RESPONSE
-            _abort(request, resp, d)
-            return
+            return Category.INVALID_RESPONSE
         if end is StreamEnd.ERROR_EVENT:
             d.category = Category.SERVER  # the client has the error event; the stream ends as sent
     d.complete = True  # the last byte is with the connection; write_eof adds the end of the framing
     await resp.write_eof()
-
-
-def _abort(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery) -> None:
-    """End the client connection without the final chunk, so no client mistakes it for complete."""
-    d.aborted = True
-    resp.force_close()
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
+    return None
