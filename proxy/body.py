@@ -54,9 +54,9 @@ class Upload:
     error: BodyError | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        prefix, self.prefix = self.prefix, []
-        for chunk in prefix:
+        for chunk in self.prefix:
             yield chunk
+        self.prefix = []  # not held for the rest of the upload
         try:
             while chunk := await _read(self.content, self.idle):
                 yield chunk

@@ -1,15 +1,12 @@
-"""Judging an event stream at its end: complete, truncated, or carrying an in-band error.
+"""Judging an event stream at its end: complete, truncated, or carrying an in-band error. Pure.
 
 openai-python ends a stream cut before its end marker without an error, so the relay aborts such a
-stream even when the upstream closed it cleanly. Ends are known for chat completions and completions
-(`data: [DONE]`) and the Responses API (a terminal `response.*` event). Pure: fed bytes, no I/O.
-
-Markers count only as whole SSE fields at line starts (WHATWG event stream interpretation), so a
-token `data: [DONE]` inside a JSON string never ends a cut stream. Lines end with CRLF, LF or CR; one
-space after the colon is dropped; a BOM at stream start is skipped. An in-band error is a `data` JSON
-object with a truthy top-level `error` (chat) or `"type": "error"` (Responses). An `event:` line counts
-once its `data` line has arrived (the client needs the final object). A last line without its newline
-counts only when provably whole (`[DONE]`, or valid JSON): a cut line looks exactly like that.
+stream even when the upstream closed it cleanly. Markers count only as whole SSE fields at line
+starts (WHATWG event stream interpretation), so a token `data: [DONE]` inside a JSON string never
+ends a cut stream: lines end with CRLF, LF or CR, one space after the colon is dropped, a BOM at
+stream start is skipped. An `event:` line counts once its `data` line has arrived (the client needs
+the final object). A last line without its newline counts only when provably whole (`[DONE]`, or
+valid JSON): a cut line looks exactly like that.
 
 Cost: only the unfinished last line is kept between chunks, up to `_LINE_CAP` bytes (a longer line is
 judged by that prefix: a terminal `type` must be its first key, as OpenAI writes it). Chunks without a
@@ -36,7 +33,8 @@ class StreamEnd(enum.Enum):
     ERROR_EVENT = "error_event"
 
 
-# Responses API event types that end a stream, and what they make of it.
+# Responses API event types that end a stream, and what they make of it; chat's in-band error is a
+# `data` JSON object with a truthy top-level `error`.
 _KINDS = {"response.completed": StreamEnd.COMPLETE, "response.failed": StreamEnd.COMPLETE,
           "response.incomplete": StreamEnd.COMPLETE, "error": StreamEnd.ERROR_EVENT}
 _EVENTS = {kind.encode(): end for kind, end in _KINDS.items()}
