@@ -8,8 +8,8 @@ import asyncio
 import functools
 import time
 from collections.abc import Mapping
-from email.utils import formatdate
 from dataclasses import dataclass
+from email.utils import formatdate
 from http import HTTPStatus
 
 from aiohttp import HttpVersion10, HttpVersion11, web
@@ -144,8 +144,8 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
         if prefetched is not None and not _bodiless(request.method, up.status):
             return await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
                                        "Date" in up.headers)
-        return await send_whole(request, d, web.Response(status=up.status, reason=up.reason, body=prefetched,
-                                                         headers=headers))
+        resp = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
+        return await send_whole(request, d, resp)
     finally:
         if reusable:
             up.release()

@@ -4,9 +4,10 @@ openai-python ends a stream cut before its end marker without an error, so the r
 stream even when the upstream closed it cleanly. Markers count only as whole SSE fields at line
 starts (WHATWG event stream interpretation), so a token `data: [DONE]` inside a JSON string never
 ends a cut stream: lines end with CRLF, LF or CR, one space after the colon is dropped, a BOM at
-stream start is skipped. An `event:` line counts once its `data` line has arrived (the client needs
-the final object). A last line without its newline counts only when provably whole (`[DONE]`, or
-valid JSON): a cut line looks exactly like that.
+stream start is skipped. A marker needs its own line complete, not the blank line that dispatches
+the event (servers that omit that are not broken); an `event:` line counts once its `data` line has
+arrived (the client needs the final object). A last line without its newline counts only when
+provably whole (`[DONE]`, or valid JSON): a cut line looks exactly like that.
 
 Cost: only the unfinished last line is kept between chunks, up to `_LINE_CAP` bytes (a longer line is
 judged by that prefix: a terminal `type` must be its first key, as OpenAI writes it). Chunks without a
@@ -41,7 +42,7 @@ _EVENTS = {kind.encode(): end for kind, end in _KINDS.items()}
 
 
 class Dialect(enum.Enum):
-    CHAT = "chat"  # ends with `data: [DONE]`
+    CHAT = "chat"  # ends with a `data` value starting `[DONE]` (the SDKs' own test)
     RESPONSES = "responses"  # ends with a terminal Responses API event
 
 
