@@ -1,14 +1,12 @@
-"""Request bodies: held in memory when small enough to replay, otherwise streamed through once.
-
-Retries need the body again, so bodies up to `replay_limit` are read whole (they are small: JSON
-requests). A larger one (a 512 MiB file upload) is forwarded as it arrives and never held whole;
-such a request cannot be retried, which `RequestBody.replayable` says up front.
-"""
+"""Request bodies: retries need the body again, so one up to `replay_limit` (JSON requests) is read
+whole; a larger one (a 512 MiB upload) is forwarded once as it arrives, never held whole, and the
+request cannot be retried, which `RequestBody.replayable` says up front."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from aiohttp import StreamReader, web
@@ -45,70 +43,51 @@ async def _read(content: StreamReader, idle: float) -> bytes:
         raise BodyError(timed_out=True) from None
 
 
+@dataclass(slots=True)
 class Upload:
     """The rest of a large body, forwarded as it arrives. Remembers its own failure, so the handler
     blames the client (400/408), not the upstream, when the upload breaks on the client's side."""
 
-    __slots__ = ("_prefix", "_content", "_idle", "error")
+    prefix: list[bytes]  # what was read before the body turned out too large to hold
+    content: StreamReader
+    idle: float
+    error: BodyError | None = None
 
-    def __init__(self, prefix: list[bytes], content: StreamReader, idle: float) -> None:
-        self._prefix = prefix
-        self._content = content
-        self._idle = idle
-        self.error: BodyError | None = None
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        for chunk in self._prefix:
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.prefix:
             yield chunk
-        self._prefix = []
-        while True:
-            try:
-                chunk = await _read(self._content, self._idle)
-            except BodyError as exc:
-                self.error = exc
-                raise
-            if not chunk:
-                return
-            yield chunk
+        self.prefix = []  # not held for the rest of the upload
+        try:
+            while chunk := await _read(self.content, self.idle):
+                yield chunk
+        except BodyError as exc:
+            self.error = exc
+            raise
 
 
 async def read_body(request: web.BaseRequest, replay_limit: int, idle: float) -> RequestBody:
     """Decide replayability from Content-Length when sent; for chunked bodies, by reading up to the limit.
-
-    A body already in the buffer (the common small JSON request) is taken without waiting or a
-    timer; otherwise each wait for more bytes is bounded by `idle`.
-    """
+    A body already in the buffer (the common small JSON request) is taken without a wait or a timer."""
     if not request.body_exists:
         return EMPTY
     content = request.content
     length = request.content_length
-    if length is not None:
-        if length > replay_limit:
-            return RequestBody(Upload([], content, idle), False, length)
-        data = content.read_nowait(length)
-        if len(data) == length:
-            return RequestBody(data, True, length)
-        parts = [data]
-        got = len(data)
-        while got < length:
-            chunk = await _read(content, idle)
-            if not chunk:
-                raise BodyError(timed_out=False)
-            parts.append(chunk)
-            got += len(chunk)
-        return RequestBody(b"".join(parts), True, length)
-    # chunked upload: buffer until the limit, then stream the rest through
-    chunks: list[bytes] = []
-    held = 0
-    while True:
+    if length is not None and length > replay_limit:
+        return RequestBody(Upload([], content, idle), False, length)
+    data = b"" if length is None else content.read_nowait(length)
+    if len(data) == length:
+        return RequestBody(data, True, length)
+    chunks = [data] if data else []
+    held = len(data)
+    while held != length:
         chunk = await _read(content, idle)
         if not chunk:
-            data = b"".join(chunks)
-            return RequestBody(data, True, len(data))
+            if length is not None:
+                raise BodyError(timed_out=False)
+            break
         chunks.append(chunk)
         held += len(chunk)
-        if held > replay_limit:
+        if held > replay_limit:  # chunked only: a known length was checked above
             return RequestBody(Upload(chunks, content, idle), False, None)
+    data = b"".join(chunks)
+    return RequestBody(data, True, len(data))

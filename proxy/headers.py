@@ -1,8 +1,5 @@
-"""Which headers cross the proxy. Pure functions over header multidicts.
-
-RFC 9110 7.6.1: hop-by-hop headers (and any header the Connection header names) describe one
-connection and must not be forwarded. Everything end-to-end, Authorization included, passes as is.
-"""
+"""Which headers cross the proxy (RFC 9110 7.6.1): hop-by-hop headers, and any the Connection header
+names, describe one connection and stay behind; everything end-to-end, Authorization included, passes."""
 
 from __future__ import annotations
 
@@ -10,38 +7,27 @@ import re
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 # Host is the upstream's (aiohttp sets it from the URL); the length is recomputed per hop.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
 # The proxy's coordination headers are its own (design.md, client contract): the upstream's copies
 # never reach the client beside them. x-should-retry is replaced only when the proxy sets it.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-proxy-attempts"}
-
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "keep-alive, close", "close, keep-alive", "upgrade"})
+# RFC 9110 5.5: a field value is visible characters, spaces, tabs and obs-text; no other control.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 Headers = list[tuple[str, str]]  # aiohttp copies headers on the way in, so a list is the cheapest carrier
 
 
 def serialize_head(status_line: str, headers: Headers) -> bytes:
-    """The status line and header block of a response, as bytes on the wire.
-
-    Strings hold the bytes they were decoded from (UTF-8, surrogateescape for any other byte), so
-    they encode back byte-identical. A CR, LF or NUL inside a name or value would start a header
-    of the sender's choosing: refused (ValueError), as aiohttp's own writer refuses it.
-    """
+    """The status line and header block as wire bytes; surrogateescape restores any non-UTF-8 byte.
+    A CR, LF or NUL would start a header of the sender's choosing: ValueError, as aiohttp refuses it."""
     text = "\r\n".join((status_line, *map(": ".join, headers), "", ""))
     n = len(headers) + 2
     if text.count("\n") != n or text.count("\r") != n or "\0" in text:
         raise ValueError("a header name or value holds CR, LF or NUL")
     return text.encode("utf-8", "surrogateescape")
-
-_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "keep-alive, close", "close, keep-alive", "upgrade"})
-
-
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
-    values = headers.getall("Connection", ())
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
 def _keeps(name: str, drop: frozenset[str]) -> bool:
@@ -59,48 +45,35 @@ class _Filter:
         self._drop = drop
         self._known: dict[str, bool] = {}
 
+    def __call__(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> Headers:
+        connection = headers.get("Connection")
+        if connection is not None and connection.lower() not in _PLAIN_CONNECTION:  # the rare Connection: x-foo
+            drop = self._drop | {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",")}
+            return [(name, value) for name, value in headers.items() if _keeps(name, drop)]
+        known, learn = self._known.get, self._learn
+        return [(name, value) for name, value in headers.items() if (k := known(name)) or (k is None and learn(name))]
+
     def _learn(self, name: str) -> bool:
         keep = _keeps(name, self._drop)
         if len(self._known) < 1024:  # names come from outside: the memory stays bounded
             self._known[name] = keep
         return keep
 
-    def __call__(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> Headers:
-        connection = headers.get("Connection")
-        if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
-            drop = self._drop | _connection_tokens(headers)  # the rare Connection: x-foo, close
-            return [(name, value) for name, value in headers.items() if _keeps(name, drop)]
-        known, learn = self._known.get, self._learn
-        return [(name, value) for name, value in headers.items() if (k := known(name)) or (k is None and learn(name))]
 
-
-_request_filter = _Filter(_REQUEST_DROP)
-_response_filter = _Filter(_RESPONSE_DROP)
-
-
-def request_headers(headers: CIMultiDictProxy[str]) -> Headers:
-    """End-to-end request headers to send upstream, in the client's order and case."""
-    return _request_filter(headers)
-
-
-def response_headers(headers: CIMultiDictProxy[str]) -> Headers:
-    """End-to-end response headers to send to the client; Content-Encoding stays (no decompression)."""
-    return _response_filter(headers)
-
-
-def readable_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
-    """An event stream whose bytes are the events themselves: a compressed one passes through
-    as is (the proxy never decompresses), so its end marker cannot be read."""
-    return is_event_stream(headers) and headers.get("Content-Encoding", "identity") == "identity"
+# End-to-end headers, in the sender's order and case: the client's to send upstream, and the
+# upstream's to send to the client (Content-Encoding stays: the proxy never decompresses).
+request_headers = _Filter(_REQUEST_DROP)
+response_headers = _Filter(_RESPONSE_DROP)
 
 
 def is_event_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
-    """Judged on the upstream's headers (a multidict), before they are copied."""
+    """Judged on the upstream's headers, before they are copied."""
     return headers.get("Content-Type", "").startswith("text/event-stream")
 
 
-# RFC 9110 5.5: a field value is visible characters, spaces, tabs and obs-text; no other control.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+def readable_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
+    """An event stream whose end marker can be read: a compressed one passes through as is."""
+    return is_event_stream(headers) and headers.get("Content-Encoding", "identity") == "identity"
 
 
 def unrelayable(status: int, reason: str | None, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | None:
@@ -113,8 +86,3 @@ def unrelayable(status: int, reason: str | None, headers: CIMultiDictProxy[str] 
     if reason and _CONTROL.search(reason):
         return "its status line holds a control character"
     return None
-
-
-def without(headers: Headers, name: str) -> Headers:
-    """`headers` less every field called `name` (lower case), for a header the proxy replaces."""
-    return [h for h in headers if h[0].lower() != name]

@@ -1,34 +1,33 @@
-"""The downstream side of one exchange: the commit point and the body copy.
-
-After the commit (status line sent) no retry is possible: an upstream failure, or an event
-stream that ends without its end marker, aborts the client connection. The client then sees an
-incomplete chunked body or a short Content-Length, never a clean end that looks complete.
-"""
+"""The commit point and the body copy. After the status line is sent no retry is possible: an
+upstream failure, or an event stream without its end marker, aborts the client connection, so the
+client sees an incomplete chunked body or a short Content-Length, never a clean end."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Mapping
-from email.utils import formatdate
 from dataclasses import dataclass
+from email.utils import formatdate
 from http import HTTPStatus
 
-from aiohttp import web
-from aiohttp import HttpVersion10, HttpVersion11
+from aiohttp import HttpVersion10, HttpVersion11, web
 
 from .classify import UPSTREAM_ERRORS, Category, classify_exception
 from .errors import ProxyError
-from .headers import Headers, is_event_stream, readable_stream, response_headers, serialize_head, without
+from .headers import Headers, is_event_stream, readable_stream, response_headers, serialize_head
 from .sse import StreamEnd, StreamWatcher, end_markers
 from .upstream import UpstreamResponse, switch_to_idle_timeout
+
+_SMALL_WRITE = 16 * 1024  # below this, head + body are joined into one buffer; above, written as two
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 @dataclass(slots=True)
 class Delivery:
-    """How the response went to the client. The handler makes it before anything is sent and reads
-    it whatever happens, so a handler cancelled mid-write (a client that closes as soon as it has
-    read `data: [DONE]`) is still logged with what was written."""
+    """How the response went to the client: made before anything is sent and read whatever happens,
+    so a handler cancelled mid-write (a client gone once it read `data: [DONE]`) logs what was sent."""
 
     status: int | None = None  # None until the status line was sent (the commit)
     category: Category = Category.OK  # after the commit: ok, or what broke the stream
@@ -39,9 +38,8 @@ class Delivery:
     upstream_request_id: str | None = None
 
 
-async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response, category: Category) -> None:
-    """Write a response whose body is in memory (prefetched, or proxy-made)."""
-    d.category = category
+async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response) -> web.Response:
+    """Write a response whose body is in memory through aiohttp (the bodiless answers)."""
     try:
         await resp.prepare(request)
         d.status = resp.status
@@ -50,16 +48,20 @@ async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response, 
     except ConnectionError:
         d.client_gone = True
     d.bytes_out = len(resp.body) if isinstance(resp.body, bytes) else 0  # the body, as on every path
+    return resp
 
 
 class _Sent(web.StreamResponse):
-    """A response already written whole by `send_complete`: aiohttp's finish step (prepare,
-    write_eof) has nothing left to do, and reads only whether to keep the connection."""
+    """A response `send_complete` already wrote: aiohttp's finish step (prepare, write_eof) has
+    nothing left to do, and reads only whether to keep the connection."""
 
-    def __init__(self, status: int, keep_alive: bool, length: int) -> None:
+    def __init__(self, status: int, keep_alive: bool) -> None:
         super().__init__(status=status)
-        self._keep_alive = keep_alive
-        self._sent_length = length
+        self._sent_keep_alive = keep_alive
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._sent_keep_alive
 
     async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
         return None
@@ -67,42 +69,27 @@ class _Sent(web.StreamResponse):
     async def write_eof(self, data: bytes = b"") -> None:
         return None
 
-    @property
-    def body_length(self) -> int:
-        return self._sent_length
-
-
-_SMALL_WRITE = 16 * 1024  # below this, head + body are joined into one buffer; above, written as two
-
 
 async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reason: str, headers: Headers,
-                        body: bytes, has_date: bool, category: Category) -> web.StreamResponse:
-    """A response whose body is in memory, written as one piece: status line, headers and body.
-
-    The common case (a JSON answer read whole before the commit). aiohttp's Response would do the
-    same write through a response object, a header multidict and five coroutines, measurably more CPU per
-    request (docs/benchmarks.md); here it is one serialisation (headers.serialize_head, which rejects CR/LF)
-    and one transport write. What aiohttp would add is added: Content-Length, Date when the
-    upstream sent none, and the Connection header for the client's keep-alive choice. Flow control
-    is kept: a client that does not read makes this wait (drain), as aiohttp's writer would.
-    Not for bodiless answers (HEAD, 1xx, 204, 304): those take aiohttp's path.
-    """
+                        body: bytes, has_date: bool) -> web.StreamResponse:
+    """Status line, headers and an in-memory body in one transport write: cheaper than aiohttp's
+    Response (docs/benchmarks.md), which it matches in Content-Length, Date, Connection and flow
+    control (a client that does not read makes this wait). Not for bodiless answers."""
     version = request.version
     keep_alive = request.keep_alive
     out = [*headers, ("Content-Length", str(len(body)))]
     if not has_date:
-        out.append(("Date", _http_date()))
+        out.append(("Date", _http_date(int(time.time()))))
     if not keep_alive:
         if version == HttpVersion11:
             out.append(("Connection", "close"))
     elif version == HttpVersion10:
         out.append(("Connection", "keep-alive"))
     head = serialize_head(f"HTTP/{version.major}.{version.minor} {status} {reason}", out)
-    d.category = category
     transport = request.transport
     if transport is None or transport.is_closing():
         d.client_gone = True
-        return _Sent(status, False, 0)
+        return _Sent(status, False)
     if len(body) < _SMALL_WRITE:
         transport.write(head + body)
     else:
@@ -114,19 +101,13 @@ async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reas
         d.complete = True
     except ConnectionError:
         d.client_gone = True
-    return _Sent(status, keep_alive and not d.client_gone, len(body))
+    return _Sent(status, keep_alive and not d.client_gone)
 
 
-_date_cache: tuple[int, str] = (0, "")
-
-
-def _http_date() -> str:
+@functools.lru_cache(maxsize=1)
+def _http_date(now: int) -> str:
     """The Date header's value (RFC 9110 IMF-fixdate), formatted once per second."""
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, formatdate(now, usegmt=True))
-    return _date_cache[1]
+    return formatdate(now, usegmt=True)
 
 
 def _bodiless(method: str, status: int) -> bool:
@@ -135,17 +116,12 @@ def _bodiless(method: str, status: int) -> bool:
 
 async def send_error(request: web.BaseRequest, d: Delivery, err: ProxyError, category: Category,
                      extra: Mapping[str, str] | None = None) -> web.StreamResponse:
-    """A proxy-made answer (errors.py), in one write like a prefetched body; HEAD gets aiohttp's
-    bodiless path."""
+    """A proxy-made answer (errors.py), written like a prefetched body."""
+    d.category = category
     if _bodiless(request.method, err.status):
-        resp = err.response(extra)
-        await send_whole(request, d, resp, category)
-        return resp
+        return await send_whole(request, d, err.response(extra))
     headers, body = err.parts(extra)
-    return await send_complete(request, d, err.status, _REASONS.get(err.status, ""), headers, body, False, category)
-
-
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
+    return await send_complete(request, d, err.status, _REASONS.get(err.status, ""), headers, body, False)
 
 
 async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefetched: bytes | None,
@@ -153,40 +129,35 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
                   remaining: float) -> web.StreamResponse:
     """Send `up` to the client, with the proxy's coordination headers `extra` in place of any the
     upstream sent. Owns `up`: it is released or closed on every path out."""
-    finished = False
+    reusable = complete  # a body read whole leaves the upstream connection between responses
     d.upstream_request_id = up.headers.get("x-request-id")
+    d.category = category
     try:
         headers = response_headers(up.headers)
         if "x-should-retry" in extra:
-            headers = without(headers, "x-should-retry")
+            headers = [h for h in headers if h[0].lower() != "x-should-retry"]
         headers.extend(extra.items())
-        resp: web.StreamResponse
-        if complete and prefetched is not None and not _bodiless(request.method, up.status):
-            finished = True
-            resp = await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
-                                       "Date" in up.headers, category)
-        elif complete:
-            finished = True
-            resp = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
-            await send_whole(request, d, resp, category)  # type: ignore[arg-type]
-        else:
-            resp = await _stream(request, d, up, prefetched, headers, idle, category, remaining)
-            finished = d.complete and not d.aborted and not d.client_gone
-        return resp
+        if not complete:
+            resp = await _stream(request, d, up, prefetched, headers, idle, remaining)
+            reusable = d.complete and not d.aborted and not d.client_gone
+            return resp
+        if prefetched is not None and not _bodiless(request.method, up.status):
+            return await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
+                                       "Date" in up.headers)
+        resp = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
+        return await send_whole(request, d, resp)
     finally:
-        if finished:
+        if reusable:
             up.release()
         else:
             up.close()  # drop the upstream connection: the exchange did not finish
 
 
 async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefix: bytes | None,
-                  headers: Headers, idle: float, category: Category, remaining: float) -> web.StreamResponse:
-    """Copy the body after the commit. `remaining` is what is left of timeouts.total: the upstream
-    client bounds its own reads by it, but a client that stops reading would hold this handler
-    (blocked writing) and the upstream connection forever; one timer for the whole copy ends that."""
+                  headers: Headers, idle: float, remaining: float) -> web.StreamResponse:
+    """Copy the body after the commit. `remaining` (of timeouts.total) bounds the whole copy: else
+    a client that stops reading would hold this handler and the upstream connection forever."""
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-    d.category = category
     if up.content_length is not None:
         resp.content_length = up.content_length
     watcher = None
@@ -200,61 +171,51 @@ async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
         await resp.prepare(request)  # the commit point
         d.status = up.status
         async with asyncio.timeout(max(remaining, 0.001)):
-            await _copy(request, resp, d, up, prefix, watcher)
+            broken = await _copy(resp, d, up, prefix, watcher)
     except ConnectionError:
         d.client_gone = True  # normal traffic, not an error
+        return resp
     except TimeoutError:
-        d.category = Category.TIMEOUT  # the total ran out while the client was not reading
-        _abort(request, resp, d)
+        broken = Category.TIMEOUT  # the total ran out while the client was not reading
     except asyncio.CancelledError:
         # The client closed while the copy waited. The SDKs close as soon as they have read a
         # stream's end marker, before the upstream's own end: then everything was delivered.
         d.complete = d.complete or (watcher is not None and watcher.result() is StreamEnd.COMPLETE) or (
             up.content_length is not None and d.bytes_out >= up.content_length)
         raise
+    if broken is not None:  # end the connection without the final chunk: no client takes it for complete
+        d.category = broken
+        d.aborted = True
+        resp.force_close()
+        if request.transport is not None:
+            request.transport.abort()
     return resp
 
 
-async def _copy(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery, up: UpstreamResponse,
-                prefix: bytes | None, watcher: StreamWatcher | None) -> None:
-    """Chunks as they arrive; an upstream failure or a stream without its end marker aborts."""
-    if prefix:
-        if watcher is not None:
-            watcher.feed(prefix)
-        d.bytes_out += len(prefix)
-        await resp.write(prefix)
+async def _copy(resp: web.StreamResponse, d: Delivery, up: UpstreamResponse, chunk: bytes | None,
+                watcher: StreamWatcher | None) -> Category | None:
+    """Chunks as they arrive, from the prefetched `chunk` on. Returns why the client connection must
+    be aborted (an upstream failure, a stream without its end marker), or None."""
     content = up.content
     while True:
+        if chunk:
+            if watcher is not None:
+                watcher.feed(chunk)
+            d.bytes_out += len(chunk)
+            await resp.write(chunk)
         try:
             chunk = await content.readany()
         except UPSTREAM_ERRORS as exc:
-            d.category = classify_exception(exc)
-            if d.category is Category.CONNECT:  # cannot happen mid-body; keep the categories honest
-                d.category = Category.NETWORK
-            _abort(request, resp, d)
-            return
+            category = classify_exception(exc)  # connect cannot happen mid-body: keep the categories honest
+            return Category.NETWORK if category is Category.CONNECT else category
         if not chunk:
             break
-        if watcher is not None:
-            watcher.feed(chunk)
-        d.bytes_out += len(chunk)
-        await resp.write(chunk)
     if watcher is not None:
         end = watcher.result()
         if end is StreamEnd.TRUNCATED:
-            d.category = Category.INVALID_RESPONSE
-            _abort(request, resp, d)
-            return
+            return Category.INVALID_RESPONSE
         if end is StreamEnd.ERROR_EVENT:
             d.category = Category.SERVER  # the client has the error event; the stream ends as sent
     d.complete = True  # the last byte is with the connection; write_eof adds the end of the framing
     await resp.write_eof()
-
-
-def _abort(request: web.BaseRequest, resp: web.StreamResponse, d: Delivery) -> None:
-    """End the client connection without the final chunk, so no client mistakes it for complete."""
-    d.aborted = True
-    resp.force_close()
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
+    return None

@@ -1,35 +1,17 @@
-"""Judging an event stream at its end: complete, truncated, or carrying an in-band error.
+"""Judging an event stream at its end: complete, truncated, or carrying an in-band error. Pure.
 
-A stream that stops before its end marker is truncated even when the upstream closed it cleanly
-(openai-python ends such a stream without an error), so the relay aborts it instead. Only endpoints
-with a known end can be judged: chat completions and completions end with a `data: [DONE]` line;
-the Responses API with a terminal `response.completed` / `response.failed` / `response.incomplete`
-event. Pure: fed bytes, no I/O.
+openai-python ends a stream cut before its end marker without an error, so the relay aborts such a
+stream even when the upstream closed it cleanly. Markers count only as whole SSE fields at line
+starts (WHATWG event stream interpretation), so a token `data: [DONE]` inside a JSON string never
+ends a cut stream: lines end with CRLF, LF or CR, one space after the colon is dropped, a BOM at
+stream start is skipped. A marker needs its own line complete, not the blank line that dispatches
+the event (servers that omit that are not broken); an `event:` line counts once its `data` line has
+arrived (the client needs the final object). A last line without its newline counts only when
+provably whole (`[DONE]`, or valid JSON): a cut line looks exactly like that.
 
-Markers count only as whole SSE fields at line starts (WHATWG "event stream interpretation"):
-text that merely contains a marker, such as a token `data: [DONE]` inside a JSON string, must
-never end a cut stream as complete. Hence the rules:
-
-- lines end with CRLF, LF or CR; the field name is what precedes the first colon and one space
-  after the colon is dropped (`data:[DONE]` is valid); comment lines (`:`) and unknown fields are
-  ignored; a UTF-8 BOM at stream start is skipped;
-- chat: a `data` value starting with `[DONE]` (the test the SDKs themselves apply) ends the
-  stream; a `data` value that is a JSON object with a truthy top-level `error` is an in-band error
-  (what makes the SDKs raise);
-- Responses: a `data` value whose JSON object has a terminal top-level `type` ends the stream,
-  `"type": "error"` is an in-band error; an `event:` field naming a terminal event (or `error`)
-  counts once that event's `data` line has arrived, so a stream cut between the two still reads
-  as truncated: the client would miss the final response object;
-- a marker needs its line to be complete, not the blank line that dispatches the event: the
-  question is whether the upstream sent its end, and servers that omit the last blank line are
-  not broken. A final line without its newline counts at EOF only when it is provably whole
-  (`[DONE]`, or a value that parses as JSON), since a cut line is exactly what it would look like.
-
-Cost: `feed` runs for every chunk of every stream. Only the unfinished last line is kept between
-chunks, and only its first `_LINE_CAP` bytes (longer lines are judged by that prefix: a terminal
-`type` must then be the first key, which OpenAI's serialisation does). A chunk whose bytes hold
-none of the marker words cannot hold a marker line and is not split into lines at all; the words
-are looked for with C-level `in`, and JSON is parsed only for lines that pass that filter.
+Cost: only the unfinished last line is kept between chunks, up to `_LINE_CAP` bytes (a longer line is
+judged by that prefix: a terminal `type` must be its first key, as OpenAI writes it). Chunks without a
+marker word are not split into lines; JSON is parsed only for lines that pass that filter.
 """
 
 from __future__ import annotations
@@ -41,14 +23,9 @@ import orjson
 
 _LINE_CAP = 64 * 1024  # the most of one unfinished line kept between chunks
 _BOM = b"\xef\xbb\xbf"
-_TERMINAL = frozenset((b"response.completed", b"response.failed", b"response.incomplete"))
-_TERMINAL_STR = frozenset(t.decode() for t in _TERMINAL)
 # For lines too long to keep whole: judged by their first key.
 _FIRST_KEY_TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"(response\.(?:completed|failed|incomplete)|error)"')
 _FIRST_KEY_ERROR = re.compile(rb'\s*\{\s*"error"\s*:\s*[^\sn]')  # not `"error": null`
-
-_END = 1
-_ERROR = 2
 
 
 class StreamEnd(enum.Enum):
@@ -57,11 +34,16 @@ class StreamEnd(enum.Enum):
     ERROR_EVENT = "error_event"
 
 
-class Dialect(enum.Enum):
-    """Which end and error rules a stream follows (see the module docstring)."""
+# Responses API event types that end a stream, and what they make of it; chat's in-band error is a
+# `data` JSON object with a truthy top-level `error`.
+_KINDS = {"response.completed": StreamEnd.COMPLETE, "response.failed": StreamEnd.COMPLETE,
+          "response.incomplete": StreamEnd.COMPLETE, "error": StreamEnd.ERROR_EVENT}
+_EVENTS = {kind.encode(): end for kind, end in _KINDS.items()}
 
-    CHAT = "chat"            # `data: [DONE]`
-    RESPONSES = "responses"  # terminal Responses API events
+
+class Dialect(enum.Enum):
+    CHAT = "chat"  # ends with a `data` value starting `[DONE]` (the SDKs' own test)
+    RESPONSES = "responses"  # ends with a terminal Responses API event
 
 
 def end_markers(method: str, path: str) -> tuple[Dialect] | None:
@@ -88,16 +70,15 @@ def _json(value: bytes) -> object:
 class StreamWatcher:
     """Fed a stream's bytes chunk by chunk; `result()` once the upstream body has ended."""
 
-    __slots__ = ("_chat", "_head", "_pending", "_over", "_armed", "_ended", "_error")
+    __slots__ = ("_chat", "_head", "_pending", "_over", "_armed", "_end")
 
     def __init__(self, dialect: Dialect) -> None:
         self._chat = dialect is Dialect.CHAT
         self._head: bytes | None = b""  # bytes of a possible BOM at stream start; None once past it
         self._pending = bytearray()  # the unfinished last line (its first _LINE_CAP bytes)
         self._over = False  # the unfinished line is longer than what _pending holds
-        self._armed = 0  # Responses: an `event:` line named a terminal (_END) or error event
-        self._ended = False
-        self._error = False
+        self._armed: StreamEnd | None = None  # Responses: what the last `event:` line announced
+        self._end = StreamEnd.TRUNCATED
 
     def feed(self, chunk: bytes) -> None:
         if self._head is not None:
@@ -105,13 +86,10 @@ class StreamWatcher:
         if not chunk:
             return
         n = len(chunk)
-        c = chunk[-1]
-        if c == 10 or c == 13:  # the usual chunk: whole lines
-            last = n - 1
-        else:
+        last = n - 1
+        if (c := chunk[last]) != 10 and c != 13:  # not the usual chunk of whole lines
             last = chunk.rfind(b"\n")
-            cr = chunk.rfind(b"\r")
-            if cr > last:
+            if (cr := chunk.rfind(b"\r")) > last:
                 last = cr
             if last < 0:  # no line ends here: all of it continues the unfinished line
                 self._keep(chunk, 0)
@@ -131,7 +109,7 @@ class StreamWatcher:
             pending.clear()
             start = first + 1
         # (find, not `in`: bytes.__contains__ goes through the buffer protocol and is slower)
-        if start < last and (self._armed or (
+        if start < last and (self._armed is not None or (
                 (chunk.find(b"[DONE]") >= 0 or chunk.find(b'"error"') >= 0) if self._chat
                 else (chunk.find(b"complete") >= 0 or chunk.find(b"failed") >= 0 or chunk.find(b"error") >= 0))):
             line = self._line
@@ -145,9 +123,7 @@ class StreamWatcher:
             self._line(bytes(self._pending), self._over, True)
             self._pending.clear()
             self._over = False
-        if self._error:
-            return StreamEnd.ERROR_EVENT
-        return StreamEnd.COMPLETE if self._ended else StreamEnd.TRUNCATED
+        return self._end
 
     def _skip_bom(self, chunk: bytes) -> bytes:
         head = self._head + chunk  # type: ignore[operator]
@@ -157,64 +133,45 @@ class StreamWatcher:
         self._head = None
         return head[3:] if head.startswith(_BOM) else head
 
-    def _keep(self, chunk: bytes, start: int) -> None:
-        """Append chunk[start:] to the unfinished line, up to _LINE_CAP bytes in all."""
-        if self._over:
-            return
-        room = _LINE_CAP - len(self._pending)
-        if len(chunk) - start > room:
-            self._pending += chunk[start:start + room]
-            self._over = True
-        else:
-            self._pending += chunk[start:] if start else chunk
+    def _keep(self, chunk: bytes, start: int) -> None:  # chunk[start:] continues the unfinished line
+        if not self._over:
+            room = _LINE_CAP - len(self._pending)
+            if len(chunk) - start > room:
+                self._pending += chunk[start:start + room]
+                self._over = True
+            else:
+                self._pending += chunk[start:] if start else chunk
+
+    def _mark(self, end: StreamEnd) -> None:
+        if self._end is not StreamEnd.ERROR_EVENT:  # an in-band error stays the verdict
+            self._end = end
 
     def _line(self, line: bytes, cut: bool, eof: bool) -> None:
         """Judge one line. `cut`: only its prefix was kept; `eof`: it lacks its newline."""
         if self._chat:
-            if not line.startswith(b"data:"):
-                return
+            if line.startswith(b"data:"):
+                value = _value(line, 4)
+                if value.startswith(b"[DONE]"):
+                    self._mark(StreamEnd.COMPLETE)
+                elif value.find(b'"error"') >= 0:
+                    data = None if cut else _json(value)
+                    if (isinstance(data, dict) and data.get("error")) or (
+                            cut and not eof and _FIRST_KEY_ERROR.match(value)):
+                        self._mark(StreamEnd.ERROR_EVENT)
+        elif line.startswith(b"event:"):
+            self._armed = _EVENTS.get(_value(line, 5))
+        elif line.startswith(b"data:"):
             value = _value(line, 4)
-            if value.startswith(b"[DONE]"):
-                self._ended = True
-            elif value.find(b'"error"') >= 0:
-                if cut:
-                    found = not eof and _FIRST_KEY_ERROR.match(value) is not None
-                else:
-                    data = _json(value)
-                    found = isinstance(data, dict) and bool(data.get("error"))
-                if found:
-                    self._error = True
-            return
-        if line.startswith(b"event:"):
-            value = _value(line, 5)
-            self._armed = _END if value in _TERMINAL else _ERROR if value == b"error" else 0
-            return
-        if not line.startswith(b"data:"):
-            return
-        value = _value(line, 4)
-        if self._armed:  # the data line of an `event:` already judged
-            if not eof or (not cut and _json(value) is not None):
-                if self._armed == _END:
-                    self._ended = True
-                else:
-                    self._error = True
-            self._armed = 0
-            return
-        if value.find(b"complete") < 0 and value.find(b"failed") < 0 and value.find(b'"error"') < 0:
-            return
-        kind = None
-        if not eof:
-            m = _FIRST_KEY_TYPE.match(value)
-            if m is not None:
-                kind = m.group(1).decode()
-        if kind is None and not cut:
-            data = _json(value)
-            if isinstance(data, dict) and isinstance(data.get("type"), str):
-                kind = data["type"]
-        if kind == "error":
-            self._error = True
-        elif kind in _TERMINAL_STR:
-            self._ended = True
+            if self._armed is not None:  # the data line of an `event:` already judged
+                if not eof or (not cut and _json(value) is not None):
+                    self._mark(self._armed)
+                self._armed = None
+            elif value.find(b"complete") >= 0 or value.find(b"failed") >= 0 or value.find(b'"error"') >= 0:
+                if not eof and (m := _FIRST_KEY_TYPE.match(value)) is not None:
+                    self._mark(_EVENTS[m.group(1)])
+                elif not cut and isinstance(data := _json(value), dict) and isinstance(kind := data.get("type"), str):
+                    if kind in _KINDS:
+                        self._mark(_KINDS[kind])
 
 
 def judge(method: str, path: str, body: bytes) -> StreamEnd | None:
