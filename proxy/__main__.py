@@ -6,7 +6,6 @@ The only place a ConfigError becomes exit code 2 and a StartupError exit code 3.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -51,10 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace, env: dict[str, str]) -> cfg.ProxyConfig:
     """Flags > environment > config file > proxy/default.yaml."""
     overrides: list[cfg.Override] = [(var, keys, env[var]) for _, var, keys, _ in _SETTINGS if var and env.get(var)]
-    for flag, _, keys, _ in _SETTINGS:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides.append((flag, keys, value))
+    overrides += [(flag, keys, value) for flag, _, keys, _ in _SETTINGS
+                  if (value := getattr(args, flag[2:].replace("-", "_"))) is not None]
     path = args.config or env.get("PROXY_CONFIG") or (SYSTEM_CONFIG if os.path.isfile(SYSTEM_CONFIG) else None)
     return cfg.load(path, overrides)
 
@@ -72,15 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure(config.log.level, config.log.format)
     try:
-        if config.workers > 1:
-            run_loop(Supervisor(config).run(asyncio.Event()))
-        else:
-            run_loop(serve(config))
+        run_loop(serve(config, Supervisor if config.workers > 1 else None))
     except StartupError as exc:
         print(f"{PROG}: {mask(str(exc))}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

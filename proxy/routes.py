@@ -27,20 +27,10 @@ class PathPattern:
     prefix: bool
 
     def matches_parts(self, parts: list[str]) -> bool:
-        """Against a path already split by split_path (once per request, not once per route)."""
-        segs = self.segments
-        if self.prefix:
-            if len(parts) < len(segs):
-                return False
-        elif len(parts) != len(segs):
+        """One pattern against a path already split by split_path."""
+        if len(parts) < len(self.segments) or (len(parts) > len(self.segments) and not self.prefix):
             return False
-        for want, got in zip(segs, parts):
-            if want is None:
-                if not got:
-                    return False
-            elif want != got:
-                return False
-        return True
+        return all(got if want is None else want == got for want, got in zip(self.segments, parts))
 
 
 def split_path(path: str) -> list[str]:
@@ -51,30 +41,24 @@ def compile_path(text: str) -> PathPattern:
     """Validate and compile a route path; ValueError names what is wrong."""
     if not isinstance(text, str) or not text.startswith("/"):
         raise ValueError(f"expected a path starting with '/', got {text!r}")
-    prefix = text == "/*" or text.endswith("/*")
-    body = text[:-2] if prefix else text
-    parts = body.strip("/").split("/") if body.strip("/") else []
-    if not prefix and not parts:
+    prefix = text.endswith("/*")
+    body = (text[:-2] if prefix else text).strip("/")
+    if not prefix and not body:
         raise ValueError("the path '/' matches nothing a client sends; use '/*' to match every path")
-    segments: list[str | None] = []
-    seen: set[str] = set()
-    for part in parts:
+    parts = body.split("/") if body else []
+    for n, part in enumerate(parts):
         if not part:
             raise ValueError(f"empty segment ('//') in {text!r}")
         if "{" in part or "}" in part:
             if not _PARAM.match(part):
                 raise ValueError(f"bad parameter segment {part!r} in {text!r}: write a whole segment as {{name}}")
-            if part in seen:
+            if part in parts[:n]:
                 raise ValueError(f"parameter {part} appears twice in {text!r}")
-            seen.add(part)
-            segments.append(None)
         elif "*" in part:
             raise ValueError(f"'*' is allowed only as the last segment ('/*') in {text!r}")
         elif not _LITERAL.match(part):
             raise ValueError(f"invalid characters in segment {part!r} of {text!r}")
-        else:
-            segments.append(part)
-    return PathPattern(text, tuple(segments), prefix)
+    return PathPattern(text, tuple(None if part.startswith("{") else part for part in parts), prefix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,17 +78,7 @@ class _Node:
         self.literal: dict[str, _Node] = {}
         self.param: _Node | None = None
         self.exact: list[int] = []  # patterns with exactly this many segments
-        self.prefix: list[int] = []  # `/*` patterns: this node and every path below it
-
-    def add(self, segments: tuple[str | None, ...], prefix: bool, index: int) -> None:
-        node = self
-        for seg in segments:
-            if seg is None:
-                node.param = node.param or _Node()
-                node = node.param
-            else:
-                node = node.literal.setdefault(seg, _Node())
-        (node.prefix if prefix else node.exact).append(index)
+        self.prefix: list[int] = []  # `/*` patterns (and the pattern-less route): here and every path below
 
     def collect(self, parts: list[str], i: int, out: list[int]) -> None:
         """Every route index whose pattern matches parts[i:] from this node (any order)."""
@@ -123,44 +97,41 @@ class _Node:
 class RouteTable(Generic[P]):
     """First match wins, in config order.
 
-    Paths are looked up in a segment trie, so the cost follows the path's depth, not the number of
-    routes (1,000 routes match as fast as 10); the candidates found are then taken in config order
-    and checked for method. Exact method+path hits are also cached, since OpenAI paths repeat.
+    A segment trie finds the candidate routes, so a new path costs time by its depth, not by the
+    number of routes; they are then taken in config order and checked for method. Hits are cached
+    by (method, path), since OpenAI paths repeat.
     """
 
-    __slots__ = ("_routes", "_default", "_cache", "_trie")
+    __slots__ = ("routes", "default", "_cache", "_trie")
 
     def __init__(self, routes: list[Route[P]], default: Route[P]) -> None:
-        self._routes = tuple(routes)
-        self._default = default
+        self.routes = tuple(routes)
+        self.default = default
         self._cache: dict[tuple[str, str], Route[P]] = {}
         self._trie = _Node()
-        for i, route in enumerate(self._routes):
-            if route.pattern is None:
-                self._trie.prefix.append(i)  # no pattern: every path
-            else:
-                self._trie.add(route.pattern.segments, route.pattern.prefix, i)
-
-    @property
-    def routes(self) -> tuple[Route[P], ...]:
-        return self._routes
-
-    @property
-    def default(self) -> Route[P]:
-        return self._default
+        for i, route in enumerate(self.routes):
+            node, pattern = self._trie, route.pattern
+            for seg in pattern.segments if pattern else ():
+                if seg is None:
+                    node.param = node.param or _Node()
+                    node = node.param
+                else:
+                    node = node.literal.setdefault(seg, _Node())
+            (node.prefix if pattern is None or pattern.prefix else node.exact).append(i)
 
     def match(self, method: str, path: str) -> Route[P]:
+        """The first route in config order that takes `method` on `path`, else the default."""
         key = (method, path)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        found = self._default
+        found = self.default
         candidates: list[int] = []
         self._trie.collect(split_path(path), 0, candidates)
         for i in sorted(candidates):
-            methods = self._routes[i].methods
+            methods = self.routes[i].methods
             if methods is None or method in methods:
-                found = self._routes[i]
+                found = self.routes[i]
                 break
         if len(self._cache) < 4096:  # ids in paths would grow it without bound
             self._cache[key] = found

@@ -1,8 +1,7 @@
-"""Process lifecycle: bind both listeners, serve until SIGTERM/SIGINT, then drain in order.
-
-Drain order: /readyz turns 503 at once -> the traffic listener stops accepting -> in-flight
+"""One process's lifecycle: bind the traffic and admin listeners, serve until SIGTERM/SIGINT, then
+drain in order: /readyz turns 503 at once -> the traffic listener stops accepting -> in-flight
 requests and streams finish (bounded by shutdown_grace, then cancelled) -> the upstream session
-closes (cleanup_ctx) -> the admin listener closes.
+closes -> the admin listener (/healthz, /readyz, /metrics) closes.
 """
 
 from __future__ import annotations
@@ -10,64 +9,98 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable, Coroutine
+from contextlib import suppress
 from multiprocessing.connection import Connection
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .app import TrafficServer, standard_observers
 from . import __version__
+from .app import TrafficServer, standard_observers
 from .config import ProxyConfig, effective
-from .health import ServerState, create_admin_app
 from .logs import WRITER, get_logger
 from .process_metrics import process_collectors
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StartupError(Exception):
     """A listener could not be bound; the message is for a person."""
 
 
-def run_loop(coro: object) -> None:
-    """uvloop when it is there (the supervisor, each worker and a single process all run this)."""
+async def admin_runner(status: Callable[[], str], registry: CollectorRegistry) -> web.AppRunner:
+    """The admin listener, set up and ready to bind; /readyz answers `status()`: 503 unless "ready"."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        now = status()
+        return web.json_response({"status": now}, status=200 if now == "ready" else 503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        # rendering is pure Python and grows with routes x series: in a thread, the event loop keeps
+        # serving traffic between the interpreter's switch intervals instead of stalling for the scrape
+        body = await asyncio.to_thread(generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
+    runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
+    await runner.setup()
+    return runner
+
+
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
+def run_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """uvloop when it is there (the supervisor, each worker and a single process all run this); a
+    KeyboardInterrupt before the signal handlers are in place ends it quietly."""
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        asyncio.run(coro)  # type: ignore[arg-type]
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)  # type: ignore[arg-type]
+        from uvloop import new_event_loop as loop_factory
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform but Windows
+        loop_factory = None  # type: ignore[assignment]
+    with suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(coro)
 
 
-async def serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> None:
+async def serve(config: ProxyConfig, supervisor: Callable[[ProxyConfig, CollectorRegistry], Any] | None = None) -> None:
+    """Both listeners until SIGTERM/SIGINT; the traffic one is this process's, or `supervisor`'s workers."""
     log = get_logger()
-    stop = stop or asyncio.Event()
-    state = ServerState()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    status = "starting"  # then "ready" once both listeners are bound, "draining" from the stop signal on
     registry = CollectorRegistry()
-    for collector in process_collectors():
-        registry.register(collector)
-    traffic = TrafficServer(config, standard_observers(config, registry), shutdown_timeout=config.shutdown_grace)
-    admin = web.AppRunner(create_admin_app(state, registry), shutdown_timeout=1.0, access_log=None)
+    workers = supervisor(config, registry) if supervisor else None
+    if workers is None:
+        for collector in process_collectors():
+            registry.register(collector)
+    traffic = workers or TrafficServer(config, standard_observers(config, registry),
+                                       shutdown_timeout=config.shutdown_grace)
     await traffic.setup()
-    await admin.setup()
+    admin = await admin_runner(lambda: status, registry)
     try:
         try:
             await traffic.listen(config.listen.host, config.listen.port, backlog=4096)
             await web.TCPSite(admin, config.admin.host, config.admin.port).start()
         except OSError as exc:
             where = config.admin if traffic.addresses else config.listen
-            raise StartupError(f"cannot listen on {where.host}:{where.port}: {exc.strerror or exc}") from None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+            raise StartupError(listen_error(where.host, where.port, exc)) from None
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
-        state.ready = True
-        log.info("startup", config=effective(config), config_source=config.source, version=__version__)
+        status = "ready"
+        log.info("startup", config=effective(config), config_source=config.source, version=__version__,
+                 workers=config.workers, pids=workers.pids() if workers else [os.getpid()])
         log.info("listening", traffic=_addresses(traffic.addresses), admin=_addresses(admin.addresses),
-                 upstream=config.upstream.url)
+                 upstream=config.upstream.url, workers=config.workers)
         await stop.wait()
-        state.draining = True
-        log.info("draining", grace_s=config.shutdown_grace)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        status = "draining"
+        log.info("draining", grace_s=config.shutdown_grace, workers=config.workers)
+        for sig in STOP_SIGNALS if workers is None else ():  # a second signal ends a single process at once
             loop.remove_signal_handler(sig)
     finally:
         await traffic.cleanup()
@@ -82,7 +115,6 @@ def _addresses(addresses: list[Any]) -> list[str]:
 
 async def serve_traffic_only(config: ProxyConfig, port: int, conn: Connection, metrics_dir: str) -> None:
     """A worker of --workers N: the traffic listener on a port shared with the other workers."""
-    log = get_logger()
     stop = asyncio.Event()
     registry = CollectorRegistry()  # unused: the supervisor reads this worker's file in metrics_dir
     traffic = TrafficServer(config, standard_observers(config, registry, metrics_dir=metrics_dir),
@@ -92,14 +124,13 @@ async def serve_traffic_only(config: ProxyConfig, port: int, conn: Connection, m
         try:
             await traffic.listen(config.listen.host, port, backlog=4096, reuse_port=True)
         except OSError as exc:
-            conn.send(("error", f"cannot listen on {config.listen.host}:{port}: {exc.strerror or exc}"))
+            conn.send(listen_error(config.listen.host, port, exc))
             return
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        conn.send(("ok", os.getpid()))
+        for sig in STOP_SIGNALS:
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        conn.send(None)  # listening
         conn.close()
-        log.info("worker_started", pid=os.getpid())
+        get_logger().info("worker_started", pid=os.getpid())
         await stop.wait()
     finally:
         await traffic.cleanup()
