@@ -19,7 +19,7 @@ TIERS: tuple[frozenset[str], ...] = (
     frozenset({"relay"}),  # the commit
     frozenset({"handler"}),
     frozenset({"logs", "metrics", "exposition", "process_metrics"}),  # observers: they receive events, nobody below the wiring imports them
-    frozenset({"app", "health", "server", "workers", "__main__", "__init__"}),  # wiring
+    frozenset({"app", "server", "workers", "__main__", "__init__"}),  # wiring
 )
 MOCK = "testing"  # the fault-injecting mock upstream: a tool of its own, imported by no proxy module
 
