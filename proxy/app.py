@@ -66,11 +66,12 @@ class _RequestHandler(web.RequestHandler):  # type: ignore[type-arg]
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logging, and the "already sent" check
+        kind = type(exc).__name__ if exc is not None else "invalid request"
         if status == 500:
+            super().handle_error(request, status, exc, message)  # the traceback, and the "already sent" check
             err = ProxyError(500, "proxy_internal_error", "The proxy failed while handling this request.")
-        else:
-            kind = type(exc).__name__ if exc is not None else "invalid request"
+        else:  # the client's malformed request: one warning, no traceback, nothing it sent is quoted
+            logging.getLogger("openai_resilience_proxy").warning("bad request from a client: %s", kind)
             err = ProxyError(status, "invalid_http_request", f"The request is not valid HTTP/1.1 ({kind}).")
         resp = err.response()
         resp.force_close()
@@ -80,12 +81,17 @@ class _RequestHandler(web.RequestHandler):  # type: ignore[type-arg]
 class _Server(web.Server):
     """web.Server (a documented protocol factory) whose connections answer errors as above."""
 
-    def __init__(self, handler: Any, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.handler_options = {k: v for k, v in kwargs.items() if k != "handler_cancellation"}
+    def __init__(self, handler: Any, *, handler_cancellation: bool = False, **options: Any) -> None:
+        super().__init__(handler, handler_cancellation=handler_cancellation, **options)
+        self.options = options
 
     def __call__(self) -> web.RequestHandler:  # type: ignore[type-arg]
-        return _RequestHandler(self, loop=asyncio.get_running_loop(), **self.handler_options)
+        return _RequestHandler(self, loop=asyncio.get_running_loop(), **self.options)
+
+
+def server_runner(handler: Any, *, shutdown_timeout: float, **options: Any) -> web.ServerRunner:
+    """A low-level listener (handler gets every request) whose own error answers never quote the request."""
+    return web.ServerRunner(_Server(handler, **options), shutdown_timeout=shutdown_timeout)
 
 
 class TrafficServer:
@@ -104,8 +110,8 @@ class TrafficServer:
         self.forwarder = Forwarder(config, Emitter(observers, _observer_failed), **forwarder_options)
         self.app = web.Application()
         self.app.cleanup_ctx.append(self._client_ctx)
-        self.runner = web.ServerRunner(_Server(self.forwarder.handle, keepalive_timeout=keepalive_timeout,
-                                               **SERVER_OPTIONS), shutdown_timeout=shutdown_timeout)
+        self.runner = server_runner(self.forwarder.handle, shutdown_timeout=shutdown_timeout,
+                                    keepalive_timeout=keepalive_timeout, **SERVER_OPTIONS)
 
     async def _client_ctx(self, app: web.Application) -> AsyncIterator[None]:
         client = create_client(self.config)

@@ -22,7 +22,6 @@ from typing import Any
 
 import orjson
 import structlog
-from aiohttp.http_exceptions import HttpProcessingError
 
 from .events import BreakerChange, Event, RequestFinished, RetryScheduled
 from .masking import mask, mask_event
@@ -198,23 +197,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    server_log = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, _BadRequestFilter) for f in server_log.filters):
-        server_log.addFilter(_BadRequestFilter())
     root.setLevel(max(_LEVELS[level], logging.WARNING))  # aiohttp's debug chatter stays off
-
-
-class _BadRequestFilter(logging.Filter):
-    """A client's malformed request (bad request line, header or chunk) is its problem, not ours:
-    aiohttp already answered 400; log one warning without a traceback instead of an error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "bad request from a client: %s", (type(exc).__name__,)
-            record.exc_info = record.exc_text = None
-        return True
 
 
 def get_logger() -> Any:

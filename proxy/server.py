@@ -18,8 +18,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from . import __version__
-from .app import TrafficServer, standard_observers
+from .app import TrafficServer, server_runner, standard_observers
 from .config import ProxyConfig, effective
+from .errors import ADMIN_METHOD, ADMIN_NOT_FOUND
 from .logs import WRITER, get_logger
 from .process_metrics import process_collectors
 
@@ -30,25 +31,33 @@ class StartupError(Exception):
     """A listener could not be bound; the message is for a person."""
 
 
-async def admin_runner(status: Callable[[], str], registry: CollectorRegistry) -> web.AppRunner:
+async def admin_runner(status: Callable[[], str], registry: CollectorRegistry) -> web.ServerRunner:
     """The admin listener, set up and ready to bind; /readyz answers `status()`: 503 unless "ready"."""
 
-    async def healthz(request: web.Request) -> web.Response:
+    async def healthz() -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def readyz(request: web.Request) -> web.Response:
+    async def readyz() -> web.Response:
         now = status()
         return web.json_response({"status": now}, status=200 if now == "ready" else 503)
 
-    async def metrics(request: web.Request) -> web.Response:
+    async def metrics() -> web.Response:
         # rendering is pure Python and grows with routes x series: in a thread, the event loop keeps
         # serving traffic between the interpreter's switch intervals instead of stalling for the scrape
         body = await asyncio.to_thread(generate_latest, registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application()
-    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
-    runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
+    pages = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        page = pages.get(request.path)
+        if page is None:
+            return ADMIN_NOT_FOUND.response()
+        if request.method not in ("GET", "HEAD"):
+            return ADMIN_METHOD.response({"Allow": "GET, HEAD"})
+        return await page()
+
+    runner = server_runner(handle, shutdown_timeout=1.0, access_log=None)
     await runner.setup()
     return runner
 

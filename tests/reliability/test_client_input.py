@@ -118,6 +118,23 @@ async def test_parse_error_answers_do_not_echo_the_api_key(tmp_path, mock, proxy
     assert not echoed, f"the key came back in {len(echoed)} error bodies: {echoed}"
 
 
+async def test_admin_listener_answers_like_the_traffic_port(tmp_path, mock, proxy_process):
+    """The admin port (0.0.0.0 by default) answers malformed requests, unknown paths and other methods
+    with the proxy's JSON errors: aiohttp's default pages would quote the offending header, key included."""
+    p = await _proxy(proxy_process, tmp_path, mock)
+    bad = [data for _, data in MALFORMED if b"Bearer" in data]
+    replies = await asyncio.gather(*(exchange(p.admin, data) for data in bad))
+    assert all(r.status == 400 and b'"invalid_http_request"' in r.body for r in replies), [r.status for r in replies]
+    assert not [r for r in replies if CANARY.encode() in r.raw]
+    other = await exchange(p.admin, b"GET /v1/models HTTP/1.1\r\n" + H + b"\r\n")
+    post = await exchange(p.admin, b"POST /metrics HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n\r\n")
+    assert (other.status, post.status) == (404, 405)
+    assert b'"not_found"' in other.body and b'"method_not_allowed"' in post.body
+    assert CANARY.encode() not in other.raw + post.raw
+    ok = await exchange(p.admin, b"GET /healthz HTTP/1.1\r\n" + H + b"\r\n")
+    assert ok.status == 200 and b'"ok"' in ok.body
+
+
 NON_ORIGIN_FORM = [
     ("absolute-form", b"GET http://evil.example/v1/models?x=1 HTTP/1.1\r\n" + H + AUTH + b"\r\n"),
     ("asterisk-form", b"OPTIONS * HTTP/1.1\r\n" + H + AUTH + b"\r\n"),
