@@ -43,11 +43,12 @@ class Outcome:
     complete: bool = False  # `prefetched` is the whole body
     error: BaseException | None = None  # set when there is no response
     deferred: bool = False  # a stream the breaker has not heard about yet: stream_ended() tells it
+    retry_after: float = 0.0  # never sent: seconds until the breaker would admit a request
 
     @classmethod
-    def never_sent(cls) -> Outcome:
+    def never_sent(cls, route: RoutePolicy) -> Outcome:
         """The breaker refused the first attempt: the only case answered `circuit_open`."""
-        return cls(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER)
+        return cls(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER, retry_after=route.breaker.retry_after())
 
     def discard(self) -> None:
         """The response is not wanted (a retry replaces it): drop its connection unless read whole."""
@@ -105,7 +106,7 @@ async def run(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Em
             permit = breaker.allow()
             if permit is None:
                 if outcome is None:
-                    return Outcome.never_sent()
+                    return Outcome.never_sent(route)
                 outcome.stop = StopReason.BREAKER  # opened during the wait: the last answer stands
                 return outcome
             if outcome is not None:
@@ -174,6 +175,11 @@ async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emi
                          _header_int(up, "x-ratelimit-remaining-requests"),
                          _header_int(up, "x-ratelimit-remaining-tokens")))
     return outcome
+
+
+def refused(route: RoutePolicy, now: float) -> Outcome | None:
+    """Asked before the request body is read: an open breaker answers at once, without reading it."""
+    return None if route.breaker.admits(now) else Outcome.never_sent(route)
 
 
 def stream_ended(route: RoutePolicy, outcome: Outcome, category: Category, aborted: bool, complete: bool) -> None:

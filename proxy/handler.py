@@ -53,7 +53,8 @@ class Forwarder:
         body: RequestBody | None = None
         ttfb: float | None = None
         try:
-            if route.breaker.admits(start):  # before reading the body: an open breaker answers at once
+            outcome = attempt.refused(route, start)
+            if outcome is None:
                 try:
                     body = await read_body(request, route.replay_limit, route.idle)
                 except BodyError as exc:
@@ -65,8 +66,6 @@ class Forwarder:
                 # the probe is taken in there, after the body is read: a stalled upload never holds it
                 outcome = await attempt.run(self.client, route, ex, self._emit,
                                             clock=self._clock, rng=self._rng, sleep=self._sleep)
-            else:
-                outcome = attempt.Outcome.never_sent()
             extra = _coordination_headers(outcome, route)
             ttfb = self._clock() - start
             category = outcome.verdict.category
@@ -74,7 +73,7 @@ class Forwarder:
                 return await deliver(request, delivery, outcome.response, outcome.prefetched, outcome.complete, extra,
                                      route.idle, category, remaining=start + route.total - self._clock())
             if category is Category.CIRCUIT_OPEN:
-                err = circuit_open(route.breaker.name, route.breaker.retry_after(), extra)
+                err = circuit_open(route.breaker.name, outcome.retry_after, extra)
             elif body is not None and isinstance(body.data, Upload) and body.data.error:  # the client's upload broke
                 return await send_error(request, delivery, _body_error(body.data.error), Category.CLIENT, extra)
             else:
