@@ -1,10 +1,9 @@
-"""One upstream HTTP/1.1 connection on public APIs only: an asyncio Protocol feeding httptools' llhttp
-parser (as uvicorn does), with flow control both ways and the sock_read timer, and the Response the
-proxy reads; proxy.upstream.Pool owns the connections, slots and the total timeout. Not ClientSession:
-most of its CPU per request goes to machinery the proxy never uses, and aiohttp's protocol internals
-change between minor releases. Errors are aiohttp's public exception classes; their messages carry
-at most host:port, never the request target (query strings hold secrets) nor header values.
-Not supported (not needed): cookies, redirects, decompression, Expect: 100-continue, pipelining, upgrades.
+"""One upstream HTTP/1.1 connection on public APIs only (why our own client: README, "The upstream
+client"): an asyncio Protocol feeding httptools' llhttp parser, with flow control both ways and the
+sock_read timer, and the Response the proxy reads; proxy.upstream.Pool owns connections, slots and the
+total timeout. Errors are aiohttp's public exception classes, their messages carry at most host:port:
+never the request target (query strings hold secrets) nor header values. No 100-continue, pipelining
+or upgrades (not needed).
 """
 
 from __future__ import annotations
@@ -158,7 +157,6 @@ class Response:
         self.wake()
 
     def abort(self, exc: BaseException) -> None:
-        """Fail this response and drop its connection."""
         conn = self.conn
         self.end(exc)
         if conn is not None:
@@ -183,7 +181,7 @@ class Connection(asyncio.Protocol):
     resp: Response | None = None  # the exchange under way
     reason = b""
     head_bytes = 0  # of this response's head; 0 also means nothing arrived
-    interim = done = broken = sending = paused = reusable = until_eof = pooled = False
+    done = broken = sending = paused = reusable = until_eof = pooled = False
     idle_at = deadline = 0.0
     drain: asyncio.Future[None] | None = None  # while the transport's write buffer is full
     timeout: float | None = None  # sock_read: no byte for this long fails the exchange
@@ -225,25 +223,22 @@ class Connection(asyncio.Protocol):
         the sock_read clock starts, as in aiohttp. A lost connection stops an upload: the caller then
         reads what the upstream answered, or the error."""
         self.resp, resp.conn, self.timeout, self.head_bytes = resp, self, sock_read, 0
-        self.done = self.interim = False
-        self.sending = True
-        try:
-            await self._send_body(head, data, length)
-        finally:
-            self.sending = False
-        if resp.conn is self:
-            self.arm()
-
-    async def _send_body(self, head: bytes, data: Body | AsyncIterator[bytes] | None, length: int | None) -> None:
+        self.done = False
+        self.sending = True  # a response before the body is all out leaves the connection unusable
         transport = self.transport
         assert transport is not None
         transport.write(head)
-        if data is None or isinstance(data, Body):
-            if data:
-                transport.write(data)
-            if self.drain is not None:
-                await self.drain
-            return
+        if data is not None and not isinstance(data, Body):
+            await self._upload(transport, data, length)
+        elif data:
+            transport.write(data)
+        if self.drain is not None:
+            await self.drain
+        self.sending = False  # a failed upload leaves it set: the connection is dropped anyway
+        if resp.conn is self:
+            self.arm()
+
+    async def _upload(self, transport: asyncio.Transport, data: AsyncIterator[bytes], length: int | None) -> None:
         sent = 0
         iterator = data.__aiter__()
         while length is None or sent < length:
@@ -343,7 +338,6 @@ class Connection(asyncio.Protocol):
         status = parser.get_status_code()
         fields, reason, self.fields, self.reason = self.fields, self.reason, [], b""
         if 100 <= status < 200 or resp is None:  # an interim response (103 Early Hints): skipped
-            self.interim = True
             return
         resp.status, resp.reason = status, reason.decode("utf-8", "surrogateescape")
         resp.headers = headers = CIMultiDictProxy(CIMultiDict(fields))
@@ -369,8 +363,6 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-        elif not self.done and self.resp is not None:
+        if self.resp is not None and self.resp.status and not self.done:  # status 0: an interim response
             self.done = True
             self.resp.end()
