@@ -9,7 +9,7 @@ import asyncio
 import collections
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from math import ceil
 from typing import Any
 
@@ -206,12 +206,12 @@ def create_client(config: ProxyConfig) -> Pool:
     return Pool(config.upstream.url, max_connections=config.upstream.max_connections)
 
 
-async def send(client: UpstreamClient, method: str, url: URL, headers: Headers, body: RequestBody,
-               timeout: aiohttp.ClientTimeout) -> UpstreamResponse:
-    """Send one attempt; return once response headers have arrived (the body is still unread)."""
+def send(client: UpstreamClient, method: str, url: URL, headers: Headers, body: RequestBody,
+         timeout: aiohttp.ClientTimeout) -> Awaitable[UpstreamResponse]:
+    """One attempt; awaited, it returns once response headers have arrived (the body is still unread)."""
     if body.streamed and body.size is not None:
         headers = [*headers, ("Content-Length", str(body.size))]  # a known length stays known: no chunking
-    return await client.request(method, url, headers, body.data, timeout)
+    return client.request(method, url, headers, body.data, timeout)
 
 
 class UrlCache(dict[str, URL]):
