@@ -73,7 +73,7 @@ class Pool:
         if self._closed:
             raise RuntimeError("the client is closed")
         head, length = request_head(method, url.raw_path_qs, self._host_line, headers, data)
-        streamed = data is not None and not isinstance(data, Body)
+        resendable = method in _IDEMPOTENT and (data is None or isinstance(data, Body))
         if isinstance(data, Body) and len(data) <= _SMALL_WRITE:
             head, data = head + data, None
         resp = Response(self, method)
@@ -94,8 +94,8 @@ class Pool:
                 if resp.exc is None:
                     resp.task = None
                     return resp
-                if not (isinstance(resp.exc, aiohttp.ServerDisconnectedError) and reused and not conn.head_bytes
-                        and not streamed and not fresh and method in _IDEMPOTENT):
+                if not (isinstance(resp.exc, aiohttp.ServerDisconnectedError) and reused and resendable
+                        and not conn.head_bytes):  # closed unanswered; `reused` is False once `fresh`
                     raise resp.exc
                 fresh, resp.exc = True, None
         except BaseException as exc:
