@@ -1,28 +1,21 @@
-"""The client side of one upstream HTTP/1.1 connection, on public APIs only: the request head and
-body going out, the response coming in, and the Response the rest of the proxy reads.
-
-Why: ClientSession spends most of its CPU per request on machinery the proxy never uses (cookies,
-redirects, tracing, a writer task per request), and aiohttp's protocol internals change between
-minor releases. A Connection is an asyncio Protocol feeding httptools' llhttp parser (as uvicorn
-does), with flow control both ways and the sock_read timer; the pool that owns connections, slots
-and the total timeout is proxy.upstream.Pool. Errors are aiohttp's public exception classes (and
-classify.UpstreamUnreachable, raised by the pool); their messages carry at most host:port, never
-the request target (query strings hold secrets) nor header values. Not supported (not needed):
-cookies, redirects, decompression, Expect: 100-continue, pipelining, upgrades.
+"""One upstream HTTP/1.1 connection on public APIs only (why our own client: README, "The upstream
+client"): an asyncio Protocol feeding httptools' llhttp parser, with flow control both ways and the
+sock_read timer, and the Response the proxy reads; proxy.upstream.Pool owns connections, slots and the
+total timeout. Errors are aiohttp's public exception classes, their messages carry at most host:port:
+never the request target (query strings hold secrets) nor header values. No 100-continue, pipelining
+or upgrades (not needed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
-
-__all__ = ["Body", "Connection", "Owner", "Response", "request_head"]
 
 Body = bytes | bytearray | memoryview
 HIGH_WATER = 2**17  # body bytes held for a slow reader before the socket stops being read
@@ -32,17 +25,11 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # CR and LF are coun
 EMPTY: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
-def _text(raw: bytes) -> str:
-    """Response-head bytes decoded as aiohttp does (on_header inlines it), so both clients give the
-    same strings; obs-text survives as surrogates: `.encode("utf-8", "surrogateescape")` restores it."""
-    return raw.decode("utf-8", "surrogateescape")
-
-
 def request_head(method: str, target: str, host_line: str, headers: list[tuple[str, str]],
                  data: Body | AsyncIterator[bytes] | None) -> tuple[bytes, int | None]:
-    """The request head, and the length a streamed body is held to (None: chunked). Host is the
-    URL's; a bytes body gets its Content-Length; a streamed one keeps the caller's, else goes
-    chunked. Control characters are refused (no header injection)."""
+    """The request head, and the length a streamed body is held to (None: chunked). A bytes body gets
+    its Content-Length; a streamed one keeps the caller's, else goes chunked. Control characters are
+    refused (no header injection)."""
     streamed = data is not None and not isinstance(data, Body)
     lines = [f"{method} {target} HTTP/1.1", host_line]
     length: int | None = None
@@ -69,51 +56,49 @@ class Owner(Protocol):
 
     loop: asyncio.AbstractEventLoop
     info: aiohttp.RequestInfo  # the origin, for ClientResponseError
+    free_slot: Callable[[], None]
 
     def put(self, conn: Connection) -> None: ...
     def drop(self, conn: Connection, *, graceful: bool = False) -> None: ...
-    def free_slot(self) -> None: ...
 
 
 class Response:
-    """Status and headers, then the body as it arrives (`content.readany()`, as with aiohttp).
-    Holds its connection and pool slot until the body has all arrived (the connection then goes
-    back to the pool by itself) or until close()/release(), both idempotent."""
+    """Status and headers, then the body as it arrives (`content.readany()`, as with aiohttp). Holds
+    its connection and pool slot until the body has all arrived (the connection then goes back to
+    the pool by itself) or until close()/release(), both idempotent."""
 
     status = 0  # 0 until the headers are in
     reason = ""
     headers = EMPTY
     content_length: int | None = None
     conn: Connection | None = None
-    slot = expired = _eof = False
+    slot = expired = eof = False
     exc: BaseException | None = None
     waiter: asyncio.Future[None] | None = None
     total: asyncio.TimerHandle | None = None  # the total timeout (the pool's)
     task: asyncio.Task[Any] | None = None  # the pool's request(), until it returns the headers
     _body: bytes | None = None
-    _size = 0
+    _size = 0  # bytes in `chunks`
 
     def __init__(self, owner: Owner, method: str) -> None:
         self._owner, self.method = owner, method
-        self._chunks: list[bytes] = []
+        self.chunks: list[bytes] = []
 
-    @property
-    def content(self) -> Response:
-        return self
+    content = property(lambda self: self)  # aiohttp's `resp.content.readany()`
 
     async def readany(self) -> bytes:
         """The body bytes that have arrived (waits for some); b"" at the end; raises if it broke."""
         while True:
             if self.exc is not None:
                 raise self.exc
-            if chunks := self._chunks:
+            if chunks := self.chunks:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 chunks.clear()
                 self._size = 0
                 if self.conn is not None and self.conn.paused:
                     self.conn.resume()
                 return data
-            if self._eof:
+            if self.eof:
                 return b""
             await self.wait()
 
@@ -156,17 +141,10 @@ class Response:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def feed(self, body: bytes) -> int:
-        self._chunks.append(body)
-        self._size += len(body)
-        self.wake()
-        return self._size
-
     def end(self, exc: BaseException | None = None) -> None:
-        """The exchange is over, complete (no `exc`) or failed: the connection, the pool slot and
-        the total timer are no longer needed."""
+        """The exchange is over, complete (no `exc`) or failed: frees the connection, slot and timer."""
         if exc is None:
-            self._eof = True
+            self.eof = True
         elif self.exc is None:
             self.exc = exc
         self.conn = None
@@ -179,7 +157,6 @@ class Response:
         self.wake()
 
     def abort(self, exc: BaseException) -> None:
-        """Fail this response and drop its connection."""
         conn = self.conn
         self.end(exc)
         if conn is not None:
@@ -203,8 +180,8 @@ class Connection(asyncio.Protocol):
     transport: asyncio.Transport | None = None
     resp: Response | None = None  # the exchange under way
     reason = b""
-    head_bytes = 0
-    interim = done = broken = sending = paused = reusable = until_eof = got_data = pooled = False
+    head_bytes = 0  # of this response's head; 0 also means nothing arrived
+    done = broken = sending = paused = reusable = until_eof = pooled = False
     idle_at = deadline = 0.0
     drain: asyncio.Future[None] | None = None  # while the transport's write buffer is full
     timeout: float | None = None  # sock_read: no byte for this long fails the exchange
@@ -242,29 +219,26 @@ class Connection(asyncio.Protocol):
 
     async def send(self, resp: Response, head: bytes, data: Body | AsyncIterator[bytes] | None,
                    length: int | None, sock_read: float | None) -> None:
-        """Start an exchange: the head, then the body, waiting while the socket's buffer is full;
-        then the sock_read clock starts, as in aiohttp. A lost connection stops an upload: the
-        caller then reads what the upstream answered, or the error."""
+        """Start an exchange: the head, then the body, waiting while the socket's buffer is full; then
+        the sock_read clock starts, as in aiohttp. A lost connection stops an upload: the caller then
+        reads what the upstream answered, or the error."""
         self.resp, resp.conn, self.timeout, self.head_bytes = resp, self, sock_read, 0
-        self.got_data = self.done = self.interim = False
-        self.sending = True
-        try:
-            await self._send_body(head, data, length)
-        finally:
-            self.sending = False
-        if resp.conn is self:
-            self.arm()
-
-    async def _send_body(self, head: bytes, data: Body | AsyncIterator[bytes] | None, length: int | None) -> None:
+        self.done = False
+        self.sending = True  # a response before the body is all out leaves the connection unusable
         transport = self.transport
         assert transport is not None
         transport.write(head)
-        if data is None or isinstance(data, Body):
-            if data:
-                transport.write(data)
-            if self.drain is not None:
-                await self.drain
-            return
+        if data is not None and not isinstance(data, Body):
+            await self._upload(transport, data, length)
+        elif data:
+            transport.write(data)
+        if self.drain is not None:
+            await self.drain
+        self.sending = False  # a failed upload leaves it set: the connection is dropped anyway
+        if resp.conn is self:
+            self.arm()
+
+    async def _upload(self, transport: asyncio.Transport, data: AsyncIterator[bytes], length: int | None) -> None:
         sent = 0
         iterator = data.__aiter__()
         while length is None or sent < length:
@@ -296,8 +270,7 @@ class Connection(asyncio.Protocol):
                 self.arm()
 
     def arm(self) -> None:
-        """(Re)start sock_read from now. Bytes only move the deadline; the timer re-arms itself,
-        instead of a new timer per chunk."""
+        """(Re)start sock_read from now. Bytes only move the deadline: no new timer per chunk."""
         if not self.timeout:
             return self.stop_timer()
         self.deadline = self.loop.time() + self.timeout
@@ -324,7 +297,6 @@ class Connection(asyncio.Protocol):
         resp = self.resp
         if resp is None:  # bytes nobody asked for: the connection cannot be trusted again
             return self.owner.drop(self)
-        self.got_data = True
         if self.timer is not None:
             self.deadline = self.loop.time() + self.timeout  # type: ignore[operator]
         try:
@@ -339,8 +311,6 @@ class Connection(asyncio.Protocol):
                 why = f"invalid HTTP response ({type(exc).__name__})"
                 return resp.abort(aiohttp.ClientResponseError(self.owner.info, (), message=why)
                                   if resp.task is not None else aiohttp.ClientPayloadError(why))
-        if resp.status and resp.task is not None:
-            resp.wake()  # request() waits for the headers, which are in
         if self.done:
             self.resp = None
             self.stop_timer()
@@ -360,6 +330,7 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(self.fields) >= _MAX_FIELDS or len(name) > _MAX_FIELD or len(value) > _MAX_FIELD:
             raise httptools.HttpParserError("too many or too large headers")
+        # as aiohttp decodes them; obs-text survives as surrogates (.encode("utf-8", "surrogateescape"))
         self.fields.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
@@ -367,28 +338,31 @@ class Connection(asyncio.Protocol):
         status = parser.get_status_code()
         fields, reason, self.fields, self.reason = self.fields, self.reason, [], b""
         if 100 <= status < 200 or resp is None:  # an interim response (103 Early Hints): skipped
-            self.interim = True
             return
-        resp.status, resp.reason = status, _text(reason)
+        resp.status, resp.reason = status, reason.decode("utf-8", "surrogateescape")
         resp.headers = headers = CIMultiDictProxy(CIMultiDict(fields))
         length = headers.get("Content-Length")
         if length is not None and length.isdigit():  # llhttp frames the body; this is informative
             resp.content_length = int(length)
+        resp.wake()  # request() waits for the headers
         self.reusable = parser.should_keep_alive() and parser.get_http_version() == "1.1" and not self.sending
         self.until_eof = length is None and status not in (204, 304) and "Transfer-Encoding" not in headers
         if resp.method == "HEAD":
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
-        if self.done or self.resp is None:
+        resp = self.resp
+        if self.done or resp is None:
             self.broken = True  # a body after a HEAD response
-        elif self.resp.feed(body) > HIGH_WATER and not self.paused and self.transport is not None:
+            return
+        resp.chunks.append(body)
+        resp._size += len(body)
+        resp.wake()
+        if resp._size > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True  # the reader is behind: stop reading, and the sock_read clock with it
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-        elif not self.done and self.resp is not None:
+        if self.resp is not None and self.resp.status and not self.done:  # status 0: an interim response
             self.done = True
             self.resp.end()

@@ -9,7 +9,7 @@ import asyncio
 import collections
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from math import ceil
 from typing import Any
 
@@ -20,7 +20,7 @@ from yarl import URL
 from .body import RequestBody
 from .classify import UpstreamUnreachable
 from .client import EMPTY, Body, Connection, Response, request_head
-from .config import ProxyConfig, Timeouts
+from .config import ProxyConfig
 from .headers import Headers
 
 _SMALL_WRITE = 2**16  # a bytes body up to this goes out in the head's write
@@ -32,9 +32,8 @@ _UNREACHABLE = ((ssl.SSLCertVerificationError, "its TLS certificate could not be
 
 
 class Pool:
-    """Keep-alive HTTP/1.1 connections (proxy.client) to one upstream: `upstream.client: fast`.
-    A request holds one of `max_connections` slots until its response ends, so there are never
-    more connections than that."""
+    """Keep-alive HTTP/1.1 connections to one upstream. A request holds one of `max_connections`
+    slots until its response ends, so there are never more connections than that."""
 
     def __init__(self, base_url: str, *, max_connections: int, keepalive_timeout: float = 60.0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -44,15 +43,15 @@ class Pool:
         self.loop = asyncio.get_running_loop()
         self._host, self._port = url.raw_host, url.port or 0
         self._hostport = f"{url.host_subcomponent}:{self._port}"  # for messages: no path
-        self._host_line = f"Host: {url.host_port_subcomponent or self._host}"
-        origin = URL.build(scheme=url.scheme, host=self._host, port=url.explicit_port, encoded=True)
-        self.info = aiohttp.RequestInfo(origin, "GET", EMPTY, origin)  # for ClientResponseError
+        self._host_line = f"Host: {url.host_port_subcomponent}"
+        self.info = aiohttp.RequestInfo(url.origin(), "GET", EMPTY, url.origin())  # for ClientResponseError
         self._ssl = ssl_context
         if url.scheme == "https" and ssl_context is None:
             self._ssl = ssl.create_default_context()
             self._ssl.set_alpn_protocols(["http/1.1"])
         self._max, self._keepalive = max_connections, keepalive_timeout
         self._slots = asyncio.Semaphore(max_connections)
+        self.free_slot = self._slots.release  # a response's, when it ends
         self._queued = 0  # requests waiting for a slot
         self._idle: collections.deque[Connection] = collections.deque()  # right end: most recently used
         self._conns: set[Connection] = set()  # every open connection, idle or not
@@ -68,9 +67,15 @@ class Pool:
 
     async def request(self, method: str, url: URL, headers: Headers, data: Body | AsyncIterator[bytes] | None,
                       timeout: aiohttp.ClientTimeout) -> Response:
-        """Send one request; return once the status line and headers are in."""
+        """Send one request; return once the status line and headers are in. A pooled connection the
+        upstream had closed unanswered is retried once on a fresh one, only for an idempotent method
+        with a bytes body: a POST that reached the upstream could run twice, so it fails as `network`."""
         if self._closed:
             raise RuntimeError("the client is closed")
+        head, length = request_head(method, url.raw_path_qs, self._host_line, headers, data)
+        resendable = method in _IDEMPOTENT and (data is None or isinstance(data, Body))
+        if isinstance(data, Body) and len(data) <= _SMALL_WRITE:
+            head, data = head + data, None
         resp = Response(self, method)
         resp.task = task = asyncio.current_task()
         assert task is not None
@@ -78,38 +83,26 @@ class Pool:
         if total := timeout.total:
             when = self.loop.time() + total
             resp.total = self.loop.call_at(ceil(when) if total >= timeout.ceil_threshold else when, resp.expire)
+        fresh = False
         try:
-            await self._exchange(resp, url.raw_path_qs, headers, data, timeout)
+            while True:
+                await self._take_slot(resp, timeout)
+                conn, reused = await self._connection(fresh, timeout)
+                await conn.send(resp, head, data, length, timeout.sock_read)
+                while not resp.status and resp.exc is None:
+                    await resp.wait()
+                if resp.exc is None:
+                    resp.task = None
+                    return resp
+                if not (isinstance(resp.exc, aiohttp.ServerDisconnectedError) and reused and resendable
+                        and not conn.head_bytes):  # closed unanswered; `reused` is False once `fresh`
+                    raise resp.exc
+                fresh, resp.exc = True, None
         except BaseException as exc:
             resp.close()
             if isinstance(exc, asyncio.CancelledError) and resp.expired and task.uncancel() <= cancelling:
                 raise asyncio.TimeoutError() from None  # total ran out before the headers
             raise
-        resp.task = None
-        return resp
-
-    async def _exchange(self, resp: Response, target: str, headers: Headers, data: Body | AsyncIterator[bytes] | None,
-                        timeout: aiohttp.ClientTimeout) -> None:
-        """Send, then wait for the headers. A pooled connection the upstream had closed unanswered
-        is retried once on a fresh one, only for an idempotent method with a bytes body: a POST
-        that reached the upstream could run twice, so it fails as `network` and the route decides."""
-        head, length = request_head(resp.method, target, self._host_line, headers, data)
-        streamed = data is not None and not isinstance(data, Body)
-        if isinstance(data, Body) and len(data) <= _SMALL_WRITE:
-            head, data = head + data, None
-        fresh = False
-        while True:
-            await self._take_slot(resp, timeout)
-            conn, reused = await self._connection(fresh, timeout)
-            await conn.send(resp, head, data, length, timeout.sock_read)
-            while not resp.status and resp.exc is None:
-                await resp.wait()
-            if resp.exc is None:
-                return
-            if not (isinstance(resp.exc, aiohttp.ServerDisconnectedError) and reused and not conn.got_data
-                    and not streamed and not fresh and resp.method in _IDEMPOTENT):
-                raise resp.exc
-            fresh, resp.exc = True, None
 
     async def _take_slot(self, resp: Response, timeout: aiohttp.ClientTimeout) -> None:
         """One of max_connections for this request; waiting is bounded by `connect`, as in aiohttp."""
@@ -130,8 +123,7 @@ class Pool:
 
     async def _connection(self, fresh: bool, timeout: aiohttp.ClientTimeout) -> tuple[Connection, bool]:
         """The most recently used live idle connection (unless `fresh`), else a new one (happy
-        eyeballs over the upstream's addresses, as aiohttp, then TLS, within sock_connect); and
-        whether it was pooled."""
+        eyeballs, as aiohttp, then TLS, within sock_connect); and whether it was pooled."""
         while self._idle and not fresh:
             conn = self._idle.pop()
             conn.pooled = False
@@ -171,17 +163,13 @@ class Pool:
             self._cleanup_handle = self.loop.call_at(conn.idle_at + self._keepalive, self._cleanup)
 
     def drop(self, conn: Connection, *, graceful: bool = False) -> None:
-        """Close `conn` (idempotent). `graceful` after a complete exchange (Connection: close): a
-        TLS connection then says goodbye; otherwise it is aborted."""
+        """Close `conn` (idempotent): `graceful` after a complete exchange (a TLS goodbye), else abort."""
         if conn.transport is not None:
             conn.transport.close() if graceful else conn.transport.abort()
         self._conns.discard(conn)
         if conn.pooled:
             conn.pooled = False
             self._idle.remove(conn)
-
-    def free_slot(self) -> None:
-        self._slots.release()
 
     def _cleanup(self) -> None:
         """Close connections idle for longer than the keep-alive timeout."""
@@ -210,6 +198,7 @@ class Pool:
 
 UpstreamClient = Pool
 UpstreamResponse = Response
+switch_to_idle_timeout = Response.set_read_timeout  # (resp, idle): after the headers, idle replaces first_byte
 
 
 def create_client(config: ProxyConfig) -> Pool:
@@ -217,37 +206,25 @@ def create_client(config: ProxyConfig) -> Pool:
     return Pool(config.upstream.url, max_connections=config.upstream.max_connections)
 
 
-def client_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
-    """sock_read starts as first_byte; relay switches it to idle once headers arrive."""
-    return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.first_byte)
-
-
-async def send(client: UpstreamClient, method: str, url: URL, headers: Headers, body: RequestBody,
-               timeout: aiohttp.ClientTimeout) -> UpstreamResponse:
-    """Send one attempt; return once response headers have arrived (the body is still unread)."""
+def send(client: UpstreamClient, method: str, url: URL, headers: Headers, body: RequestBody,
+         timeout: aiohttp.ClientTimeout) -> Awaitable[UpstreamResponse]:
+    """One attempt; awaited, it returns once response headers have arrived (the body is still unread)."""
     if body.streamed and body.size is not None:
         headers = [*headers, ("Content-Length", str(body.size))]  # a known length stays known: no chunking
-    return await client.request(method, url, headers, body.data, timeout)
+    return client.request(method, url, headers, body.data, timeout)
 
 
-class UrlCache:
+class UrlCache(dict[str, URL]):
     """upstream base + raw path -> URL, parsed once per distinct path (OpenAI paths repeat)."""
 
-    __slots__ = ("_base", "_cache")
-
     def __init__(self, base: str) -> None:
+        super().__init__()
         self._base = base.rstrip("/")
-        self._cache: dict[str, URL] = {}
 
-    def __call__(self, raw_path: str) -> URL:
-        url = self._cache.get(raw_path)
-        if url is None:
-            url = URL(self._base + raw_path, encoded=True)
-            if len(self._cache) < 4096:  # ids and query strings would grow it without bound
-                self._cache[raw_path] = url
+    def __missing__(self, raw_path: str) -> URL:
+        url = URL(self._base + raw_path, encoded=True)
+        if len(self) < 4096:  # ids and query strings would grow it without bound
+            self[raw_path] = url
         return url
 
-
-def switch_to_idle_timeout(resp: UpstreamResponse, idle: float) -> None:
-    """After the headers, "no bytes for `idle`" replaces "no headers for `first_byte`"."""
-    resp.set_read_timeout(idle)
+    __call__ = dict.__getitem__  # cache(raw_path): a C lookup; __missing__ parses
