@@ -80,9 +80,11 @@ class Pool:
         resp.task = task = asyncio.current_task()
         assert task is not None
         cancelling = task.cancelling()
+        at = None
         if total := timeout.total:
-            when = self.loop.time() + total
-            resp.total = self.loop.call_at(ceil(when) if total >= timeout.ceil_threshold else when, resp.expire)
+            at = self.loop.time() + total
+            at = ceil(at) if total >= timeout.ceil_threshold else at
+            resp.total = self.loop.call_at(at, resp.expire)
         fresh = False
         try:
             while True:
@@ -98,6 +100,8 @@ class Pool:
                         and not conn.head_bytes):  # closed unanswered; `reused` is False once `fresh`
                     raise resp.exc
                 fresh, resp.exc = True, None
+                if at is not None:  # the failure ended the exchange and its timer: the resend keeps the deadline
+                    resp.total = self.loop.call_at(at, resp.expire)
         except BaseException as exc:
             resp.close()
             if isinstance(exc, asyncio.CancelledError) and resp.expired and task.uncancel() <= cancelling:

@@ -1,4 +1,4 @@
-"""proxy.client and proxy.upstream.Pool: the keep-alive HTTP/1.1 client (`upstream.client: fast`),
+"""proxy.client and proxy.upstream.Pool: the proxy's keep-alive HTTP/1.1 upstream client,
 against real servers on 127.0.0.1.
 
 Servers: the mock upstream (scripted faults), a small aiohttp app that reports raw headers and
@@ -342,6 +342,34 @@ async def test_stale_pooled_connection_is_retried_for_an_idempotent_bytes_body(r
         assert resp.status == 200 and await resp.read() == b"ok"
     assert bodies == [(1, b"first"), (2, b"second")]  # resent whole on a fresh connection
     assert server.connections == 2 and c.connections_made == 2 and c.open_connections == 1
+
+
+async def test_a_resent_request_keeps_the_total_timeout(raw, clients) -> None:
+    """The stale connection's failure ends the first exchange (and its timer): the resend on a fresh
+    connection must still end at `total`, not at the far longer first-byte timeout."""
+    gone = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        if n == 1:
+            writer.write(OK_RESPONSE)
+            await read_request(reader)
+            writer.transport.abort()  # the pooled connection, closed unanswered
+        else:
+            await gone.wait()  # the fresh one never answers
+
+    server = await raw(serve)
+    c = clients(server.url)
+    resp = await c.request("GET", url(server.url, "/v1/x"), [], None, T)
+    assert await resp.read() == b"ok"
+    short = aiohttp.ClientTimeout(total=0.3, sock_connect=60, sock_read=60)
+    try:
+        async with asyncio.timeout(20) as guard:
+            with pytest.raises(asyncio.TimeoutError):
+                await c.request("GET", url(server.url, "/v1/x"), [], None, short)
+        assert not guard.expired() and server.connections == 2
+    finally:
+        gone.set()
 
 
 async def test_stale_pooled_connection_never_resends_a_post(raw, clients) -> None:
