@@ -100,8 +100,8 @@ class UpstreamUnreachable(aiohttp.ClientConnectionError):
 
 def classify_exception(exc: BaseException) -> Category:
     """Map an aiohttp client exception to a category, most specific class first: aiohttp's
-    ConnectionTimeoutError is a ServerTimeoutError (an asyncio.TimeoutError), not a ClientConnectorError."""
-    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, UpstreamUnreachable)):
+    ConnectionTimeoutError is a ServerTimeoutError (an asyncio.TimeoutError), yet a connect failure."""
+    if isinstance(exc, (aiohttp.ConnectionTimeoutError, UpstreamUnreachable)):
         return Category.CONNECT
     if isinstance(exc, asyncio.TimeoutError):  # SocketTimeoutError (first byte / idle) and total
         return Category.TIMEOUT
@@ -111,11 +111,7 @@ def classify_exception(exc: BaseException) -> Category:
 
 
 _DETAILS: tuple[tuple[type[BaseException], str], ...] = (  # most specific class first
-    (aiohttp.ClientConnectorDNSError, "its host name could not be resolved"),
-    (aiohttp.ClientConnectorCertificateError, "its TLS certificate could not be verified"),
-    (aiohttp.ClientSSLError, "the TLS handshake failed"),
     (aiohttp.ConnectionTimeoutError, "no connection was established within the connect timeout"),
-    (aiohttp.ClientConnectorError, "the connection could not be established"),
     (aiohttp.SocketTimeoutError, "no data arrived within the read timeout"),
     (asyncio.TimeoutError, "the total timeout ran out"),
     (aiohttp.ServerDisconnectedError, "the server closed the connection before responding"),
@@ -128,7 +124,4 @@ def failure_detail(exc: BaseException) -> str:
     """A short, secret-free phrase for a person: never str(exc), which may carry URLs or headers."""
     if isinstance(exc, (UnrelayableResponse, UpstreamUnreachable)):
         return exc.why
-    if (isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ConnectionRefusedError)
-            and not isinstance(exc, (aiohttp.ClientConnectorDNSError, aiohttp.ClientSSLError))):
-        return "the connection was refused"
     return next((phrase for cls, phrase in _DETAILS if isinstance(exc, cls)), "the connection failed")

@@ -3,11 +3,8 @@ import json
 
 import aiohttp
 import pytest
-from aiohttp.client_reqrep import ConnectionKey
 
-from proxy.classify import Category, classify_exception, classify_status
-
-KEY = ConnectionKey("api.openai.com", 443, True, True, None, None, None)
+from proxy.classify import Category, UpstreamUnreachable, classify_exception, classify_status
 
 
 def _err(type_=None, code=None, message="x"):
@@ -51,9 +48,8 @@ def test_classify_status(status, body, category, permanent):
 
 
 @pytest.mark.parametrize("exc, category", [
-    (aiohttp.ClientConnectorError(KEY, ConnectionRefusedError(111, "refused")), Category.CONNECT),
-    (aiohttp.ClientConnectorDNSError(KEY, OSError(-2, "Name or service not known")), Category.CONNECT),
-    (aiohttp.ConnectionTimeoutError("connect"), Category.CONNECT),  # not a ClientConnectorError
+    (UpstreamUnreachable("api.openai.com:443", "the connection was refused", ConnectionRefusedError()), Category.CONNECT),
+    (aiohttp.ConnectionTimeoutError("connect"), Category.CONNECT),  # an asyncio.TimeoutError, yet connect
     (aiohttp.SocketTimeoutError("read"), Category.TIMEOUT),
     (asyncio.TimeoutError(), Category.TIMEOUT),
     (aiohttp.ServerDisconnectedError(), Category.NETWORK),
