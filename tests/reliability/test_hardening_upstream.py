@@ -1,0 +1,148 @@
+"""Issue 15, the upstream side: a malicious upstream written for each test (raw asyncio sockets), a raw
+client on the other side, and the proxy's own client in between.
+
+- no request is ever handed another request's response, whatever the upstream writes on an idle
+  pooled connection;
+- a request with `Content-Length: 0` reaches the upstream with it;
+- a status outside 100-599, or a 101, is `invalid_response`; interim 1xx responses do not hold
+  `first_byte` off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from ..conftest import TEST_KEY
+from .rawhttp import exchange
+
+AUTH = f"Authorization: Bearer {TEST_KEY}\r\n"
+BOUND = 5.0  # seconds: each case ends well within this
+TIMEOUTS = {"defaults": {"timeouts": {"connect": "1s", "first_byte": "300ms", "idle": "300ms", "total": "10m"},
+                         "breaker": {"failure_threshold": 50}}}
+
+
+@dataclass
+class Request:
+    line: str
+    headers: dict[str, str]  # lower-case names
+
+
+@dataclass
+class Conn:
+    """One upstream connection as the malicious upstream sees it."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    requests: list[Request] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # the proxy closed (or reset) it
+
+    async def request(self) -> Request | None:
+        """The next request head (its body, by Content-Length, is read and dropped); None at EOF."""
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        line, *fields = head.decode("latin-1").split("\r\n")[:-2]
+        headers = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
+        if n := int(headers.get("content-length", 0)):
+            await self.reader.readexactly(n)
+        self.requests.append(Request(line, headers))
+        return self.requests[-1]
+
+    async def until_closed(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await self.reader.read(65536):
+                pass
+
+    def answer(self, body: bytes, then: bytes = b"") -> None:
+        """200 with `body`, and `then` in the same write."""
+        self.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s%s"
+                          % (len(body), body, then))
+
+
+class EvilUpstream:
+    """asyncio.start_server on an ephemeral port; each accepted connection is handed to `serve`."""
+
+    def __init__(self, serve: Callable[[Conn, int], Awaitable[None]]) -> None:
+        self.serve = serve
+        self.conns: list[Conn] = []
+
+    async def __aenter__(self) -> EvilUpstream:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.url = "http://127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for conn in self.conns:
+            conn.writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Conn(reader, writer)
+        self.conns.append(conn)
+        try:
+            await self.serve(conn, len(self.conns))
+            await conn.until_closed()
+        except ConnectionError:
+            pass
+        finally:
+            conn.closed.set()
+            writer.close()
+
+
+def _target(req: Request) -> bytes:
+    return req.line.split(" ")[1].encode()
+
+
+async def _get(proxy_url: str, target: str, *, extra: str = "", method: str = "GET") -> tuple[int | None, bytes]:
+    async with asyncio.timeout(BOUND):
+        reply = await exchange(proxy_url, f"{method} {target} HTTP/1.1\r\nHost: proxy\r\n{AUTH}{extra}\r\n".encode(),
+                               timeout=BOUND)
+    return reply.status, reply.body
+
+
+# ------------------------------------------------------------------ item 1: no cross-client response
+
+UNSOLICITED = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nunsolicited"
+
+
+@pytest.mark.parametrize("extra,then", [
+    ("a whole response, idle", "answers"),
+    ("a whole response, idle", "silent"),
+    ("an interim 100, idle", "answers"),
+    ("a second response in the same write", "answers"),
+])
+async def test_bytes_on_an_idle_connection_never_reach_another_request(start_proxy, recorder, extra, then):
+    """Client A is answered; the upstream then writes bytes nobody asked for on that keep-alive
+    connection. The proxy must drop it: B and C each get their own answer, never A's nor the stray one."""
+    go = asyncio.Event()
+
+    async def serve(conn: Conn, n: int) -> None:
+        req = await conn.request()
+        assert req is not None
+        glued = n == 1 and extra.startswith("a second")
+        conn.answer(_target(req), UNSOLICITED if glued else b"")
+        if n == 1:
+            if not glued:
+                await go.wait()  # A's answer has reached the client: the connection is idle in the pool
+                conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" if "100" in extra else UNSOLICITED)
+            if then == "silent":
+                return
+        while (req := await conn.request()) is not None:
+            conn.answer(_target(req))  # whoever is sent here gets the answer to its own request
+
+    async with EvilUpstream(serve) as up:
+        proxy = await start_proxy(TIMEOUTS, upstream=up.url)
+        assert await _get(proxy.url, "/v1/models?who=A") == (200, b"/v1/models?who=A")
+        go.set()
+        async with asyncio.timeout(BOUND):
+            await up.conns[0].closed.wait()  # the proxy dropped the connection that spoke out of turn
+        for who in "BC":
+            assert await _get(proxy.url, f"/v1/models?who={who}") == (200, f"/v1/models?who={who}".encode())
+    assert [len(c.requests) for c in up.conns] == [1, 2]  # B went to a fresh connection, C reused it
+    assert [r.category for r in recorder.requests] == ["ok"] * 3
