@@ -146,3 +146,25 @@ async def test_bytes_on_an_idle_connection_never_reach_another_request(start_pro
             assert await _get(proxy.url, f"/v1/models?who={who}") == (200, f"/v1/models?who={who}".encode())
     assert [len(c.requests) for c in up.conns] == [1, 2]  # B went to a fresh connection, C reused it
     assert [r.category for r in recorder.requests] == ["ok"] * 3
+
+
+# ------------------------------------------------------------------ item 7: Content-Length: 0 kept
+
+async def _echo(conn: Conn, n: int) -> None:
+    while (req := await conn.request()) is not None:
+        conn.answer(_target(req))
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH"])
+@pytest.mark.parametrize("framing", ["Content-Length: 0\r\n", ""])
+async def test_empty_body_of_a_body_method_reaches_the_upstream_with_content_length_0(start_proxy, method, framing):
+    """`POST /v1/batches/{id}/cancel` with `Content-Length: 0` (as the SDK sends it): an upstream may
+    answer 411 to a POST without a length, so it keeps it; with no framing header at all it gets one."""
+    async with EvilUpstream(_echo) as up:
+        proxy = await start_proxy(TIMEOUTS, upstream=up.url)
+        assert await _get(proxy.url, "/v1/batches/b1/cancel", method=method, extra=framing) == (
+            200, b"/v1/batches/b1/cancel")
+        assert await _get(proxy.url, "/v1/models") == (200, b"/v1/models")
+    sent = [r.headers for c in up.conns for r in c.requests]
+    assert sent[0].get("content-length") == "0" and "transfer-encoding" not in sent[0]
+    assert "content-length" not in sent[1]  # a GET without a body gets none (RFC 9110 8.6)
