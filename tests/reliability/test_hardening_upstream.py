@@ -168,3 +168,66 @@ async def test_empty_body_of_a_body_method_reaches_the_upstream_with_content_len
     sent = [r.headers for c in up.conns for r in c.requests]
     assert sent[0].get("content-length") == "0" and "transfer-encoding" not in sent[0]
     assert "content-length" not in sent[1]  # a GET without a body gets none (RFC 9110 8.6)
+
+
+# ------------------------------------------------------------------ item 8: the status line
+
+def _raw(data: bytes, then: str = "hold") -> Callable[[Conn, int], Awaitable[None]]:
+    async def serve(conn: Conn, n: int) -> None:
+        await conn.request()
+        conn.writer.write(data)
+        if then == "close":
+            conn.writer.close()
+    return serve
+
+
+@pytest.mark.parametrize("data", [
+    b"HTTP/1.1 600 Beyond\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi",
+    b"HTTP/1.1 999 Beyond\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi",
+    b"HTTP/1.1 099 Below\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi",
+    b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nContent-Length: 2\r\n\r\nhi",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\n",
+], ids=["600", "999", "099", "000", "101", "101 upgrade", "101 with a body", "100 then 101"])
+@pytest.mark.parametrize("then", ["hold", "close"])
+async def test_status_outside_100_599_or_101_is_invalid_response(start_proxy, recorder, data, then):
+    """Never passed on, never retried as a server error: 502 invalid_upstream_response at once (the
+    proxy never asks for an upgrade, so a 101 is as wrong as a 600), not a timeout later."""
+    async with EvilUpstream(_raw(data, then)) as up:
+        proxy = await start_proxy(TIMEOUTS, upstream=up.url)
+        async with asyncio.timeout(BOUND):
+            reply = await exchange(proxy.url, f"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n{AUTH}"
+                                   "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}".encode(),
+                                   timeout=BOUND)
+    assert (reply.status, reply.headers.get("x-proxy-error")) == (502, "invalid_upstream_response")
+    assert b"hi" not in reply.body and b"Beyond" not in reply.body
+    assert [a.category for a in recorder.attempts] == ["invalid_response"]  # one attempt: not retried
+    assert len(up.conns) == 1
+
+
+async def test_interim_responses_do_not_hold_off_first_byte(start_proxy, recorder):
+    """A 103 every 100 ms, never a final response: `first_byte` (300 ms) still ends the attempt, as
+    504 upstream_timeout, instead of `total` (10 min here, so only first_byte can end it in time)."""
+    async def serve(conn: Conn, n: int) -> None:
+        await conn.request()
+        closed = asyncio.ensure_future(conn.until_closed())
+        while not closed.done():  # pacing, not synchronisation: the proxy's timer must fire meanwhile
+            conn.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+            await asyncio.wait({closed}, timeout=0.1)
+
+    async with EvilUpstream(serve) as up:
+        proxy = await start_proxy({**TIMEOUTS, "defaults": {**TIMEOUTS["defaults"], "retry": {"max_attempts": 1}}},
+                                  upstream=up.url)
+        status, body = await _get(proxy.url, "/v1/models")
+    assert status == 504 and b"upstream_timeout" in body
+    assert [a.category for a in recorder.attempts] == ["timeout"]
+
+
+async def test_interim_responses_then_a_final_one_pass(start_proxy, recorder):
+    """The rule does not break 1xx: interim responses before the final one are skipped, as before."""
+    async with EvilUpstream(_raw(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as up:
+        proxy = await start_proxy(TIMEOUTS, upstream=up.url)
+        assert await _get(proxy.url, "/v1/models") == (200, b"ok")
