@@ -1,9 +1,9 @@
 """One upstream HTTP/1.1 connection on public APIs only (why our own client: README, "The upstream
 client"): an asyncio Protocol feeding httptools' llhttp parser, with flow control both ways and the
 sock_read timer, and the Response the proxy reads; proxy.upstream.Pool owns connections, slots and the
-total timeout. Errors are aiohttp's public exception classes, their messages carry at most host:port:
-never the request target (query strings hold secrets) nor header values. No 100-continue, pipelining
-or upgrades (not needed).
+total timeout. Errors are aiohttp's public exception classes (and UnrelayableResponse for a status
+no HTTP/1.1 response may have), their messages carry at most host:port: never the request target
+(query strings hold secrets) nor header values. No 100-continue, pipelining or upgrades (not needed).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from .classify import UnrelayableResponse
 
 Body = bytes | bytearray | memoryview
 HIGH_WATER = 2**17  # body bytes held for a slow reader before the socket stops being read
@@ -297,8 +299,6 @@ class Connection(asyncio.Protocol):
         resp = self.resp
         if resp is None:  # bytes nobody asked for: the connection cannot be trusted again
             return self.owner.drop(self)
-        if self.timer is not None:
-            self.deadline = self.loop.time() + self.timeout  # type: ignore[operator]
         try:
             if not resp.status:
                 self.head_bytes += len(data)
@@ -309,8 +309,12 @@ class Connection(asyncio.Protocol):
             self.broken = True  # after a complete response, extra bytes only spoil the connection
             if not self.done:
                 why = f"invalid HTTP response ({type(exc).__name__})"
-                return resp.abort(aiohttp.ClientResponseError(self.owner.info, (), message=why)
+                bad = exc.__context__  # what a callback raised
+                return resp.abort(bad if isinstance(bad, UnrelayableResponse) else
+                                  aiohttp.ClientResponseError(self.owner.info, (), message=why)
                                   if resp.task is not None else aiohttp.ClientPayloadError(why))
+        if self.timer is not None and resp.status:  # sock_read from the final head on; before it, first_byte
+            self.deadline = self.loop.time() + self.timeout  # type: ignore[operator]  # is a deadline (1xx: no reset)
         if self.done:
             self.resp = None
             self.stop_timer()
@@ -337,7 +341,10 @@ class Connection(asyncio.Protocol):
         parser, resp = self.parser, self.resp
         status = parser.get_status_code()
         fields, reason, self.fields, self.reason = self.fields, self.reason, [], b""
-        if 100 <= status < 200 or resp is None:  # an interim response (103 Early Hints): skipped
+        if status == 101 or not 100 <= status <= 599:  # a 0 would read as "no head yet"
+            why = "it switched protocols unasked" if status == 101 else "its status is outside 100-599"
+            raise UnrelayableResponse(why)
+        if status < 200 or resp is None:  # an interim response (103 Early Hints): skipped
             return
         resp.status, resp.reason = status, reason.decode("utf-8", "surrogateescape")
         resp.headers = headers = CIMultiDictProxy(CIMultiDict(fields))

@@ -26,6 +26,7 @@ from .headers import Headers
 _SMALL_WRITE = 2**16  # a bytes body up to this goes out in the head's write
 _DNS_TTL = 10.0  # seconds, as aiohttp's TCPConnector
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "QUERY"})  # an empty body is sent as Content-Length: 0
 _UNREACHABLE = ((ssl.SSLCertVerificationError, "its TLS certificate could not be verified"),
                 (ssl.SSLError, "the TLS handshake failed"), (socket.gaierror, "its host name could not be resolved"),
                 (ConnectionRefusedError, "the connection was refused"), (OSError, "the connection could not be established"))
@@ -212,10 +213,16 @@ def create_client(config: ProxyConfig) -> Pool:
 
 def send(client: UpstreamClient, method: str, url: URL, headers: Headers, body: RequestBody,
          timeout: aiohttp.ClientTimeout) -> Awaitable[UpstreamResponse]:
-    """One attempt; awaited, it returns once response headers have arrived (the body is still unread)."""
-    if body.streamed and body.size is not None:
+    """One attempt; awaited, it returns once response headers have arrived (the body is still unread).
+    A body method without a body gets `Content-Length: 0` (RFC 9110 8.6, as httpx sends it): a server
+    may answer 411 to a POST without a length, and the client's own `Content-Length: 0` arrives as no body."""
+    data = body.data
+    if data is None:
+        if method in _BODY_METHODS:
+            data = b""
+    elif body.streamed and body.size is not None:
         headers = [*headers, ("Content-Length", str(body.size))]  # a known length stays known: no chunking
-    return client.request(method, url, headers, body.data, timeout)
+    return client.request(method, url, headers, data, timeout)
 
 
 class UrlCache(dict[str, URL]):
