@@ -95,6 +95,16 @@ async def test_request_header_bytes_reach_the_upstream_unchanged(start_proxy, ra
         assert b"X-Val: " + OBS in sent and b"X-Utf8: caf\xc3\xa9" in sent, sent
 
 
+async def test_header_names_that_are_not_tokens_are_refused_both_ways(start_proxy, raw_upstream):
+    """A name cannot carry such bytes (RFC 9110 5.1: a token): refused, 400 and 502, never rewritten."""
+    up = await raw_upstream(lambda head: b"HTTP/1.1 200 OK\r\nX-Up\xe9: v\r\nContent-Length: 2\r\n\r\n{}")
+    proxy = await start_proxy(upstream=up.url)
+    client_side = await exchange(proxy.url, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-N\xe9: v\r\n\r\n", timeout=BOUND)
+    assert client_side.status == 400 and up.heads == []
+    upstream_side = await exchange(proxy.url, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", timeout=BOUND)
+    assert upstream_side.status == 502 and upstream_side.headers["x-proxy-error"] == "invalid_upstream_response"
+
+
 UPSTREAM_HEAD = b"HTTP/1.1 200 Caf\xe9 \xff OK\r\nX-Up: " + OBS + b"\r\nContent-Type: text/plain\r\n"
 BIG = 100_000  # above the 64 KiB read whole before the commit: streamed after it
 FRAMINGS = {
