@@ -53,8 +53,8 @@ async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response) 
 
 
 class _Sent(web.StreamResponse):
-    """A response `send_complete` already wrote: aiohttp's finish step (prepare, write_eof) has
-    nothing left to do, and reads only whether to keep the connection."""
+    """A response the proxy wrote itself (`send_complete`, `_stream`): aiohttp's finish step (prepare,
+    write_eof) has nothing left to do, and reads only whether to keep the connection."""
 
     def __init__(self, status: int, keep_alive: bool) -> None:
         super().__init__(status=status)
@@ -205,13 +205,11 @@ def _framing(request: web.BaseRequest, status: int, length: int | None, headers:
     length (a HEAD answer keeps it, 204 and 304 carry none), else chunks, else the connection's end."""
     if length is not None and status not in (204, 304):
         headers.append(("Content-Length", str(length)))
-    elif _bodiless(request.method, status):
-        pass
-    elif request.version >= HttpVersion11:
+    elif not _bodiless(request.method, status):
+        if request.version < HttpVersion11:
+            return False, False  # HTTP/1.0: the body ends with the connection
         headers.append(("Transfer-Encoding", "chunked"))
         return request.keep_alive, True
-    else:
-        return False, False  # HTTP/1.0: the body ends with the connection
     return request.keep_alive, False
 
 
