@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 # Host is the upstream's (aiohttp sets it from the URL); the length is recomputed per hop.
@@ -13,7 +13,10 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
 # The proxy's coordination headers are its own (design.md, client contract): the upstream's copies
 # never reach the client beside them. x-should-retry is replaced only when the proxy sets it.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-proxy-attempts"}
-_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "keep-alive, close", "close, keep-alive", "upgrade"})
+# Connection values that name no other header, as senders spell them (an unusual spelling only takes
+# the slower path); an istr key skips multidict's case folding of the name.
+_PLAIN_CONNECTION = frozenset({"keep-alive", "Keep-Alive", "close", "Close", "upgrade", "Upgrade"})
+_CONNECTION = istr("Connection")
 # RFC 9110 5.5: a field value is visible characters, spaces, tabs and obs-text; no other control.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -46,9 +49,9 @@ class _Filter:
         self._known: dict[str, bool] = {}
 
     def __call__(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> Headers:
-        connection = headers.get("Connection")
-        if connection is not None and connection.lower() not in _PLAIN_CONNECTION:  # the rare Connection: x-foo
-            drop = self._drop | {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",")}
+        connection = headers.getall(_CONNECTION, None)  # every one: a second may name more (RFC 9110 7.6.1)
+        if connection is not None and (len(connection) > 1 or connection[0] not in _PLAIN_CONNECTION):
+            drop = self._drop | {t.strip().lower() for v in connection for t in v.split(",")}
             return [(name, value) for name, value in headers.items() if _keeps(name, drop)]
         known, learn = self._known.get, self._learn
         return [(name, value) for name, value in headers.items() if (k := known(name)) or (k is None and learn(name))]

@@ -10,8 +10,17 @@ from typing import Any, TypeVar
 
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "openai-api-key"})
 
-# OpenAI keys (sk-..., sk-proj-..., sk-svcacct-..., sk-admin-...) and look-alikes in any text
-_SK = re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}")
+# The shape rules (docs/reliability.md, "Masking"), anywhere in any text, no word boundary needed:
+# 1. OpenAI key prefixes (sk-, sk-proj-, sk-svcacct-, sk-admin-; sess- session keys) unless glued to a
+#    letter or digit before them: `id_sk-proj-...` and `/sk-...` are keys, `risk-...` is a word.
+_SK = re.compile(r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_\-]{8,}|sess-[A-Za-z0-9]{20,})")
+# 2. Every OpenAI key holds T3BlbkFJ (base64 of "OpenAI"): the whole run of key characters around it,
+#    whatever its prefix. The lookbehind starts a match only where a run starts: linear, not quadratic.
+_MARKED = re.compile(r"(?<![A-Za-z0-9_\-])[A-Za-z0-9_\-]*?T3BlbkFJ[A-Za-z0-9_\-]*")
+# 3. A path segment or query value that starts with 32 or more letters and digits, both kinds: a random
+#    secret (an Azure key is 32 hex digits). OpenAI's ids start with a word and a separator (file-abc,
+#    resp_68af..., chatcmpl-B9M..., req_...) and are kept.
+_LONG = re.compile(r"(?<=[/=])[A-Za-z0-9]{32,}")
 # secret header values, in "Name: value" or JSON/repr "'name': 'value'" forms
 _HEADER = re.compile(rf"""(?i)(\b(?:{"|".join(sorted(SECRET_HEADERS))})\b["']?\s*[:=]\s*["']?)"""
                      r"""((?:bearer|basic)\s+)?([^\s"',;}\]]+)""")
@@ -21,7 +30,9 @@ _QUERY = re.compile(r"(?i)([?&;](?:key|api_key|api-key|apikey|access_token|token
 _USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://)([^/@\s:]+):([^/@\s]+)@")
 
 # Every pattern above needs one of these; most log strings have none and skip the regexes.
-_TRIGGER = re.compile(r"(?i)sk-|auth|api|key|token|://")
+_TRIGGER = re.compile(r"(?i)sk-|sess-|auth|api|key|token|://|t3blbkfj|[/=][a-z0-9]{32}")
+# rule 3's part of _TRIGGER for ASCII text, one literal first character each: sre then scans ~3x faster
+_SLASH_LONG, _EQUALS_LONG = re.compile(r"/[A-Za-z0-9]{32}"), re.compile(r"=[A-Za-z0-9]{32}")
 
 _Text = TypeVar("_Text", str, None)
 
@@ -39,7 +50,11 @@ def _may_hold_secret(text: str) -> bool:
     if not text.isascii():
         return _TRIGGER.search(text) is not None
     low = text.lower()
-    return "sk-" in low or "auth" in low or "api" in low or "key" in low or "token" in low or "://" in low
+    if ("sk-" in low or "auth" in low or "api" in low or "key" in low or "token" in low or "://" in low
+            or "sess-" in low or "t3blbkfj" in low):
+        return True
+    return len(text) > 32 and (("/" in text and _SLASH_LONG.search(text) is not None)
+                               or ("=" in text and _EQUALS_LONG.search(text) is not None))
 
 
 def mask(text: _Text) -> _Text:
@@ -47,9 +62,22 @@ def mask(text: _Text) -> _Text:
     if not text or not _may_hold_secret(text):
         return text
     text = _HEADER.sub(lambda m: m.group(1) + (m.group(2) or "") + mask_token(m.group(3)), text)
-    text = _SK.sub(lambda m: mask_token(m.group(0)), text)
+    text = _SK.sub(_masked, text)
+    if "T3BlbkFJ" in text:
+        text = _MARKED.sub(_masked, text)
     text = _QUERY.sub(lambda m: m.group(1) + mask_token(m.group(2)), text)
+    text = _LONG.sub(_random_masked, text)
     return _USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}:***@", text)
+
+
+def _masked(m: re.Match[str]) -> str:
+    return mask_token(m.group(0))
+
+
+def _random_masked(m: re.Match[str]) -> str:
+    """Rule 3 masks runs that mix letters and digits: a long word or number is no secret."""
+    run = m.group(0)
+    return run if run.isdigit() or run.isalpha() else mask_token(run)
 
 
 def mask_value(value: Any) -> Any:

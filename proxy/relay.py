@@ -13,6 +13,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 
 from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp.abc import AbstractStreamWriter
 
 from .classify import UPSTREAM_ERRORS, Category, classify_exception
 from .errors import ProxyError
@@ -52,8 +53,8 @@ async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response) 
 
 
 class _Sent(web.StreamResponse):
-    """A response `send_complete` already wrote: aiohttp's finish step (prepare, write_eof) has
-    nothing left to do, and reads only whether to keep the connection."""
+    """A response the proxy wrote itself (`send_complete`, `_stream`): aiohttp's finish step (prepare,
+    write_eof) has nothing left to do, and reads only whether to keep the connection."""
 
     def __init__(self, status: int, keep_alive: bool) -> None:
         super().__init__(status=status)
@@ -75,17 +76,8 @@ async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reas
     """Status line, headers and an in-memory body in one transport write: cheaper than aiohttp's
     Response (docs/benchmarks.md), which it matches in Content-Length, Date, Connection and flow
     control (a client that does not read makes this wait). Not for bodiless answers."""
-    version = request.version
     keep_alive = request.keep_alive
-    out = [*headers, ("Content-Length", str(len(body)))]
-    if not has_date:
-        out.append(("Date", _http_date(int(time.time()))))
-    if not keep_alive:
-        if version == HttpVersion11:
-            out.append(("Connection", "close"))
-    elif version == HttpVersion10:
-        out.append(("Connection", "keep-alive"))
-    head = serialize_head(f"HTTP/{version.major}.{version.minor} {status} {reason}", out)
+    head = _head(request, status, reason, [*headers, ("Content-Length", str(len(body)))], has_date, keep_alive)
     transport = request.transport
     if transport is None or transport.is_closing():
         d.client_gone = True
@@ -102,6 +94,21 @@ async def send_complete(request: web.BaseRequest, d: Delivery, status: int, reas
     except ConnectionError:
         d.client_gone = True
     return _Sent(status, keep_alive and not d.client_gone)
+
+
+def _head(request: web.BaseRequest, status: int, reason: str, out: Headers, has_date: bool, keep_alive: bool) -> bytes:
+    """The response head as bytes, written by the proxy and not by aiohttp, whose serializer drops
+    any header byte that is not UTF-8: the upstream's bytes reach the client as they came. Date and
+    Connection as aiohttp would add them."""
+    version = request.version
+    if not has_date:
+        out.append(("Date", _http_date(int(time.time()))))
+    if not keep_alive:
+        if version == HttpVersion11:
+            out.append(("Connection", "close"))
+    elif version == HttpVersion10:
+        out.append(("Connection", "keep-alive"))
+    return serialize_head(f"HTTP/{version.major}.{version.minor} {status} {reason}", out)
 
 
 @functools.lru_cache(maxsize=1)
@@ -137,15 +144,12 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
         if "x-should-retry" in extra:
             headers = [h for h in headers if h[0].lower() != "x-should-retry"]
         headers.extend(extra.items())
-        if not complete:
-            resp = await _stream(request, d, up, prefetched, headers, idle, remaining)
-            reusable = d.complete and not d.aborted and not d.client_gone
-            return resp
-        if prefetched is not None and not _bodiless(request.method, up.status):
+        if complete and prefetched is not None and not _bodiless(request.method, up.status):
             return await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
                                        "Date" in up.headers)
-        resp = web.Response(status=up.status, reason=up.reason, body=prefetched, headers=headers)
-        return await send_whole(request, d, resp)
+        resp = await _stream(request, d, up, prefetched, headers, idle, remaining)
+        reusable = d.complete and not d.aborted and not d.client_gone
+        return resp
     finally:
         if reusable:
             up.release()
@@ -157,24 +161,29 @@ async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
                   headers: Headers, idle: float, remaining: float) -> web.StreamResponse:
     """Copy the body after the commit. `remaining` (of timeouts.total) bounds the whole copy: else
     a client that stops reading would hold this handler and the upstream connection forever."""
-    resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
-    if up.content_length is not None:
-        resp.content_length = up.content_length
     watcher = None
     if is_event_stream(up.headers):
-        resp.headers["X-Accel-Buffering"] = "no"  # ingress controllers must not batch events
+        headers.append(("X-Accel-Buffering", "no"))  # ingress controllers must not batch events
         markers = end_markers(request.method, request.path)
         if markers is not None and up.status == 200 and readable_stream(up.headers):  # else relayed unjudged
             watcher = StreamWatcher(*markers)
+    writer = request.writer
+    keep_alive, chunked = _framing(request, up.status, up.content_length, headers)
+    if chunked:
+        writer.enable_chunking()  # aiohttp's writer frames the chunks
+    head = _head(request, up.status, up.reason or "", headers, "Date" in up.headers, keep_alive)
     switch_to_idle_timeout(up, idle)
+    transport = request.transport
     try:
-        await resp.prepare(request)  # the commit point
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client has gone")
+        transport.write(head)  # the commit point
         d.status = up.status
         async with asyncio.timeout(max(remaining, 0.001)):
-            broken = await _copy(resp, d, up, prefix, watcher)
+            broken = await _copy(writer, d, up, prefix, watcher)
     except ConnectionError:
         d.client_gone = True  # normal traffic, not an error
-        return resp
+        return _Sent(up.status, False)
     except TimeoutError:
         broken = Category.TIMEOUT  # the total ran out while the client was not reading
     except asyncio.CancelledError:
@@ -186,13 +195,25 @@ async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
     if broken is not None:  # end the connection without the final chunk: no client takes it for complete
         d.category = broken
         d.aborted = True
-        resp.force_close()
-        if request.transport is not None:
-            request.transport.abort()
-    return resp
+        keep_alive = False
+        transport.abort()
+    return _Sent(up.status, keep_alive)
 
 
-async def _copy(resp: web.StreamResponse, d: Delivery, up: UpstreamResponse, chunk: bytes | None,
+def _framing(request: web.BaseRequest, status: int, length: int | None, headers: Headers) -> tuple[bool, bool]:
+    """(keep-alive, chunked): how the client finds the body's end, as aiohttp frames it. The upstream's
+    length (a HEAD answer keeps it, 204 and 304 carry none), else chunks, else the connection's end."""
+    if length is not None and status not in (204, 304):
+        headers.append(("Content-Length", str(length)))
+    elif not _bodiless(request.method, status):
+        if request.version < HttpVersion11:
+            return False, False  # HTTP/1.0: the body ends with the connection
+        headers.append(("Transfer-Encoding", "chunked"))
+        return request.keep_alive, True
+    return request.keep_alive, False
+
+
+async def _copy(writer: AbstractStreamWriter, d: Delivery, up: UpstreamResponse, chunk: bytes | None,
                 watcher: StreamWatcher | None) -> Category | None:
     """Chunks as they arrive, from the prefetched `chunk` on. Returns why the client connection must
     be aborted (an upstream failure, a stream without its end marker), or None."""
@@ -202,7 +223,7 @@ async def _copy(resp: web.StreamResponse, d: Delivery, up: UpstreamResponse, chu
             if watcher is not None:
                 watcher.feed(chunk)
             d.bytes_out += len(chunk)
-            await resp.write(chunk)
+            await writer.write(chunk)
         try:
             chunk = await content.readany()
         except UPSTREAM_ERRORS as exc:
@@ -217,5 +238,5 @@ async def _copy(resp: web.StreamResponse, d: Delivery, up: UpstreamResponse, chu
         if end is StreamEnd.ERROR_EVENT:
             d.category = Category.SERVER  # the client has the error event; the stream ends as sent
     d.complete = True  # the last byte is with the connection; write_eof adds the end of the framing
-    await resp.write_eof()
+    await writer.write_eof()
     return None
