@@ -1,0 +1,164 @@
+"""Issue 15, the client side: a malicious or careless client over raw sockets, the project's mock upstream
+behind the proxy. Expect: 100-continue (item 2), slow bodies and too many connections (item 4), paths
+matched in one form and forwarded in another (item 10), CONNECT and TRACE (item 11)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from proxy.events import RequestFinished
+from proxy.routes import compile_path, normalize_path
+from proxy.testing import MockUpstream
+
+from ..conftest import TEST_KEY
+from .rawhttp import exchange, parse_reply
+
+AUTH = f"Authorization: Bearer {TEST_KEY}\r\n".encode()
+CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+GUARD = 5.0  # seconds: a wait that has not ended by then is a hang, not a slow machine
+
+
+class Conn:
+    """One raw client connection: what it sends is exactly what is written."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer, self.got = reader, writer, b""
+
+    @classmethod
+    async def open(cls, url: str) -> Conn:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def head(self) -> bytes:
+        """The next response head (an interim 1xx included), up to its blank line."""
+        async with asyncio.timeout(GUARD):
+            while b"\r\n\r\n" not in self.got:
+                chunk = await self.reader.read(65536)
+                assert chunk, f"closed before a whole response head: {self.got!r}"
+                self.got += chunk
+        head, _, self.got = self.got.partition(b"\r\n\r\n")
+        return head
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        """The next whole final response: (status, lower-case headers, body)."""
+        async with asyncio.timeout(GUARD):
+            while not (reply := parse_reply(self.got))[3]:
+                chunk = await self.reader.read(65536)
+                assert chunk, f"closed before a whole response: {self.got!r}"
+                self.got += chunk
+        status, headers, body, _ = reply
+        assert status is not None
+        return status, headers, body
+
+    async def closed(self) -> bool:
+        """Whether the proxy closes the connection (rather than leaving it open) within the guard."""
+        try:
+            async with asyncio.timeout(GUARD):
+                while await self.reader.read(65536):
+                    pass
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            pass
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _code(body: bytes) -> str:
+    return json.loads(body)["error"]["code"]
+
+
+# ----------------------------------------------------------------------------- item 10: one form for paths
+
+PATHS = [
+    # (method, target as sent, route it gets, path the upstream sees)
+    ("POST", "/v1/%63hat/completions", "chat_completions", "/v1/chat/completions"),  # %63 is "c": unreserved
+    ("POST", "/v1/%76ideos", "videos_create", "/v1/videos"),  # a create's cautious policy cannot be dodged
+    ("GET", "/v1/files/file-a%2Fb/content", "files_content", "/v1/files/file-a%2Fb/content"),  # %2F stays: one segment
+    ("POST", "/v1/x/../chat/completions", "chat_completions", "/v1/chat/completions"),
+    ("GET", "/v1/./models", "default", "/v1/models"),
+    ("GET", "/v1/%2e%2E/v1/models", "default", "/v1/models"),  # an escaped dot segment is a dot segment
+    ("GET", "/v1/models/..", "default", "/v1/"),
+]
+
+
+@pytest.mark.parametrize("method, target, route, forwarded", PATHS, ids=[p[1] for p in PATHS])
+async def test_the_path_matched_is_the_path_forwarded(start_proxy, mock: MockUpstream, recorder, method, target,
+                                                      route, forwarded):
+    """Percent-escapes of unreserved characters are decoded and dot-segments resolved (RFC 3986 6.2.2,
+    5.2.4; nginx and Envoy's normalize_path do the same) before the route is chosen, and the upstream
+    gets that same path: a route's policy is given only to the path the upstream will serve."""
+    proxy = await start_proxy()
+    body = CHAT if method == "POST" else b""
+    reply = await exchange(proxy.url, f"{method} {target}?q=%41 HTTP/1.1\r\nHost: x\r\n".encode() + AUTH
+                           + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert reply.status is not None and reply.status < 500, reply.raw[:200]
+    [rec] = mock.received
+    assert (rec.path, rec.query_string) == (forwarded, "q=%41")  # the query is never rewritten
+    [done] = recorder.of(RequestFinished)
+    assert (done.route, done.path) == (route, forwarded)
+
+
+@pytest.mark.parametrize("target", ["/v1/../../x", "/..", "/v1/%2e%2e/%2E%2E/x"])
+async def test_a_path_above_the_root_is_refused(start_proxy, mock: MockUpstream, target):
+    """nginx answers 400 to a path whose '..' segments climb above the root; so does the proxy, so no
+    path can leave the upstream URL's own base path."""
+    proxy = await start_proxy()
+    reply = await exchange(proxy.url, f"GET {target} HTTP/1.1\r\nHost: x\r\n".encode() + AUTH + b"\r\n")
+    assert (reply.status, reply.headers.get("x-proxy-error")) == (400, "invalid_request_target")
+    assert mock.received == []
+
+
+# ----------------------------------------------------------------------------- item 11: CONNECT and TRACE
+
+REFUSED = [
+    ("CONNECT, origin-form", b"CONNECT /v1/models HTTP/1.1\r\nHost: x\r\n"),
+    ("CONNECT, authority-form", b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n"),
+    ("TRACE", b"TRACE /v1/models HTTP/1.1\r\nHost: x\r\n"),
+    ("TRACE with Max-Forwards", b"TRACE /v1/chat/completions HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\n"),
+]
+
+
+@pytest.mark.parametrize("name, head", REFUSED, ids=[r[0] for r in REFUSED])
+async def test_connect_and_trace_are_refused_with_405(start_proxy, mock: MockUpstream, name, head):
+    """The proxy is no tunnel (CONNECT), and TRACE would echo the request back, key included: 405 in the
+    OpenAI error shape, and nothing reaches the upstream."""
+    proxy = await start_proxy()
+    reply = await exchange(proxy.url, head + AUTH + b"\r\n")
+    assert (reply.status, reply.headers.get("x-proxy-error")) == (405, "method_not_allowed"), reply.raw[:200]
+    assert _code(reply.body) == "method_not_allowed"
+    assert mock.received == []
+
+
+NORMAL = [
+    ("/v1/chat/completions", "/v1/chat/completions"),
+    ("/v1/%63%68at/%7Eme%2d%5F%2E", "/v1/chat/~me-_."),  # every escaped unreserved character, either case
+    ("/v1/files/a%2Fb%20c%3F", "/v1/files/a%2Fb%20c%3F"),  # reserved and other escapes stay as sent
+    ("/v1//models", "/v1//models"),
+    ("/v1/.well-known/x", "/v1/.well-known/x"),
+    ("/v1/./models/.", "/v1/models/"),
+    ("/v1/a/b/../../models", "/v1/models"),
+    ("/v1/..", "/"),
+    ("/v1/../..", None),
+    ("/%2E%2E", None),
+]
+
+
+@pytest.mark.parametrize("path, normal", NORMAL)
+def test_normalize_path(path, normal):
+    assert normalize_path(path) == normal
+
+
+def test_route_literals_are_matched_in_the_normalized_form():
+    assert compile_path("/v1/%63hat/*").segments == ("v1", "chat")
+    with pytest.raises(ValueError, match="dot-segment"):
+        compile_path("/v1/../x")
