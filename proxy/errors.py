@@ -53,6 +53,12 @@ BODY_TIMEOUT = ProxyError(408, "request_body_timeout",
                           "The request body stopped arriving (or was malformed) for longer than the idle timeout.")
 
 
+def body_too_slow(total: float) -> ProxyError:
+    """A body still arriving when the route's total timeout ran out (one byte inside each idle period)."""
+    return ProxyError(408, "request_body_timeout", "The request body was still arriving when the total timeout "
+                                                   f"of {format_duration(total)} ran out.")
+
+
 # design.md, "Interfaces": the status and code of each proxy-made error
 STATUS_AND_CODE: Mapping[Category, tuple[int, str]] = {
     Category.CONNECT: (502, "upstream_connect_error"),

@@ -20,9 +20,9 @@ from .body import BodyError, RequestBody, Upload, read_body
 from .classify import Category
 from .config import ProxyConfig
 from .errors import (BAD_PATH, BAD_TARGET, BAD_VERSION, BODY_TIMEOUT, INCOMPLETE_BODY, METHOD_REFUSED, ProxyError,
-                     circuit_open, upstream_failure)
+                     body_too_slow, circuit_open, upstream_failure)
 from .events import Emitter, RequestFinished, RequestStarted
-from .headers import request_headers
+from .headers import Headers, request_headers
 from .policy import RoutePolicy, compile_routes
 from .relay import Delivery, deliver, send_error
 from .routes import normalize_path
@@ -95,10 +95,10 @@ class Forwarder:
             outcome = attempt.refused(route, start)
             if outcome is None:
                 try:
-                    body = await read_body(request, route.replay_limit, route.idle)
+                    body = await read_body(request, route.replay_limit, route.idle, route.total)
                 except BodyError as exc:
-                    return await send_error(request, delivery, _body_error(exc), Category.CLIENT)
-                ex = attempt.Exchange(request.method, target.path, target.url, request_headers(request.headers), body,
+                    return await send_error(request, delivery, _body_error(exc, route), Category.CLIENT)
+                ex = attempt.Exchange(request.method, target.path, target.url, _forwarded_headers(request), body,
                                       start, attempt.client_deadline(request.headers, start, route.total))
                 assert self.client is not None
                 # the probe is taken in there, after the body is read: a stalled upload never holds it
@@ -113,7 +113,7 @@ class Forwarder:
             if category is Category.CIRCUIT_OPEN:
                 err = circuit_open(route.breaker.name, outcome.retry_after, extra)
             elif body is not None and isinstance(body.data, Upload) and body.data.error:  # the client's upload broke
-                return await send_error(request, delivery, _body_error(body.data.error), Category.CLIENT, extra)
+                return await send_error(request, delivery, _body_error(body.data.error, route), Category.CLIENT, extra)
             else:
                 assert outcome.error is not None
                 err = upstream_failure(category, outcome.error, host=self._host, first_byte=route.first_byte,
@@ -139,8 +139,19 @@ class Forwarder:
         ))
 
 
-def _body_error(exc: BodyError) -> ProxyError:
-    return BODY_TIMEOUT if exc.timed_out else INCOMPLETE_BODY
+def _body_error(exc: BodyError, route: RoutePolicy) -> ProxyError:
+    if exc.why == "total":
+        return body_too_slow(route.total)
+    return BODY_TIMEOUT if exc.why == "idle" else INCOMPLETE_BODY
+
+
+def _forwarded_headers(request: web.BaseRequest) -> Headers:
+    """The end-to-end headers. `Expect` is the proxy's to answer (read_body sends the 100) and is never
+    passed on, as nginx and Envoy do: the upstream would wait for a body the client already sent."""
+    headers = request_headers(request.headers)
+    if "Expect" in request.headers:
+        headers = [(name, value) for name, value in headers if name.lower() != "expect"]
+    return headers
 
 
 def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy) -> dict[str, str]:

@@ -5,6 +5,7 @@ matched in one form and forwarded in another (item 10), CONNECT and TRACE (item 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -75,6 +76,79 @@ class Conn:
 
 def _code(body: bytes) -> str:
     return json.loads(body)["error"]["code"]
+
+
+# ----------------------------------------------------------------------------- item 2: Expect: 100-continue
+
+
+@pytest.mark.parametrize("size", ["buffered", "streamed"])
+async def test_expect_100_continue_is_answered_by_the_proxy_and_not_forwarded(start_proxy, mock: MockUpstream, size):
+    """The client sends its head, waits for `100 Continue` (as curl does above 1 MiB), then the body. The
+    proxy answers the expectation itself, as nginx and Envoy do, and the upstream never sees `Expect`."""
+    proxy = await start_proxy({"defaults": {"retry": {"replay_limit": "32"}}} if size == "streamed" else None)
+    c = await Conn.open(proxy.url)
+    try:
+        await c.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(CHAT))
+        interim = await c.head()
+        assert interim == b"HTTP/1.1 100 Continue", interim
+        await c.send(CHAT)
+        status, _, body = await c.response()
+    finally:
+        c.close()
+    assert status == 200 and json.loads(body)["choices"], body
+    [rec] = mock.requests_to("/v1/chat/completions")
+    assert "Expect" not in rec.headers and rec.body_size == len(CHAT)
+
+
+async def test_expect_from_an_http_1_0_client_is_ignored_and_not_forwarded(start_proxy, mock: MockUpstream):
+    """RFC 9110 10.1.1: an HTTP/1.0 client's 100-continue expectation is ignored (no 100); the header stays behind."""
+    proxy = await start_proxy()
+    reply = await exchange(proxy.url, b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\n" + AUTH
+                           + b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(CHAT) + CHAT)
+    assert reply.status == 200 and not reply.raw.startswith(b"HTTP/1.1 100"), reply.raw[:80]
+    [rec] = mock.requests_to("/v1/chat/completions")
+    assert "Expect" not in rec.headers
+
+
+# ----------------------------------------------------------------------------- item 4: slow clients
+
+
+@pytest.mark.parametrize("size", ["buffered", "streamed"])
+async def test_a_trickled_body_is_cut_at_the_total_timeout(start_proxy, mock: MockUpstream, size):
+    """One byte every 50 ms never trips the 10 s idle timeout; the route's total (500 ms) bounds the whole
+    body phase: 408 request_body_timeout while the client is still sending, and nothing to the upstream
+    but the part of a streamed upload it had already received."""
+    limit = "16" if size == "streamed" else "1MiB"
+    proxy = await start_proxy({"defaults": {"timeouts": {"total": "500ms"}, "retry": {"replay_limit": limit}}})
+    length = 200  # 10 s at this pace
+    c = await Conn.open(proxy.url)
+    sent = 0
+
+    async def trickle() -> None:
+        nonlocal sent
+        for _ in range(length):
+            await c.send(b"x")
+            sent += 1
+            await asyncio.sleep(0.05)  # the client's pace, not a synchronisation
+
+    await c.send(b"POST /v1/files HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Type: application/octet-stream\r\n"
+                 b"Content-Length: %d\r\n\r\n" % length)
+    dribbling = asyncio.create_task(trickle())
+    try:
+        status, headers, body = await c.response()
+        assert not dribbling.done() and sent < length, "the whole body went through"
+    finally:
+        dribbling.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await dribbling
+        c.close()
+    assert (status, headers.get("x-proxy-error"), _code(body)) == (408, "request_body_timeout", "request_body_timeout")
+    assert b"total timeout" in body
+    uploads = mock.requests_to("/v1/files")
+    assert all(rec.body_size < length for rec in uploads)
+    if size == "buffered":
+        assert uploads == []
 
 
 # ----------------------------------------------------------------------------- item 10: one form for paths
