@@ -59,6 +59,12 @@ def body_too_slow(total: float) -> ProxyError:
                                                    f"of {format_duration(total)} ran out.")
 
 
+def too_many_connections(limit: int) -> ProxyError:
+    """The answer on a client connection past listen.max_connections; the SDKs retry a 503 after a backoff."""
+    return ProxyError(503, "too_many_connections", f"The proxy already holds its maximum of {limit} client "
+                                                   "connections (listen.max_connections); retry shortly.")
+
+
 # design.md, "Interfaces": the status and code of each proxy-made error
 STATUS_AND_CODE: Mapping[Category, tuple[int, str]] = {
     Category.CONNECT: (502, "upstream_connect_error"),

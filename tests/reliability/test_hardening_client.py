@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import json
 
+import openai
 import pytest
 
 from proxy.events import RequestFinished
 from proxy.routes import compile_path, normalize_path
 from proxy.testing import MockUpstream
 
-from ..conftest import TEST_KEY
+from ..conftest import TEST_KEY, write_config
 from .rawhttp import exchange, parse_reply
 
 AUTH = f"Authorization: Bearer {TEST_KEY}\r\n".encode()
@@ -149,6 +150,43 @@ async def test_a_trickled_body_is_cut_at_the_total_timeout(start_proxy, mock: Mo
     assert all(rec.body_size < length for rec in uploads)
     if size == "buffered":
         assert uploads == []
+
+
+async def test_connections_past_the_cap_get_a_clear_503_and_are_closed(tmp_path, mock: MockUpstream, proxy_process):
+    """listen.max_connections: 2, in a real `python -m proxy` (uvloop). Two keep-alive clients hold their
+    connections; a third connection is answered 503 too_many_connections and closed (never silently
+    dropped, never forwarded); the SDK reads it as an ordinary 503; once a held connection closes, a new
+    one is served."""
+    path = write_config(tmp_path, mock.url, {"listen": {"max_connections": 2}})
+    p = await proxy_process("--config", str(path), "--port", "0", "--admin-port", "0")
+    get = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + AUTH + b"\r\n"
+    held = [await Conn.open(p.traffic) for _ in range(2)]
+    try:
+        for c in held:
+            await c.send(get)
+            assert (await c.response())[0] == 200  # accepted and counted: the connection stays open
+        extra = await Conn.open(p.traffic)
+        try:
+            await extra.send(get)
+            status, headers, body = await extra.response()
+            assert await extra.closed()
+        finally:
+            extra.close()
+        assert (status, headers.get("x-proxy-error"), _code(body)) == (503, "too_many_connections",
+                                                                         "too_many_connections")
+        assert headers.get("connection") == "close" and b"listen.max_connections" in body
+        async with openai.AsyncOpenAI(base_url=p.traffic + "/v1", api_key=TEST_KEY, max_retries=0) as sdk:
+            with pytest.raises(openai.InternalServerError) as caught:
+                await sdk.models.list()
+        assert caught.value.status_code == 503 and caught.value.code == "too_many_connections"
+        assert len(mock.requests_to("/v1/models")) == 2  # the refused requests never left
+    finally:
+        held[0].close()
+    async with asyncio.timeout(GUARD):  # the proxy notices the close on its own time: ask until it has
+        while (reply := await exchange(p.traffic, get)).status == 503:
+            pass
+    held[1].close()
+    assert reply.status == 200
 
 
 # ----------------------------------------------------------------------------- item 10: one form for paths
