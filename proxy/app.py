@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from email.utils import formatdate
+from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .config import ProxyConfig
-from .errors import ProxyError
+from .errors import ProxyError, too_many_connections
 from .events import Emitter, Observer
 from .handler import Forwarder
 from .logs import LogObserver
@@ -78,15 +80,74 @@ class _RequestHandler(web.RequestHandler):  # type: ignore[type-arg]
         return resp
 
 
-class _Server(web.Server):
-    """web.Server (a documented protocol factory) whose connections answer errors as above."""
+class _Refused(asyncio.Protocol):
+    """A connection past `listen.max_connections`: answered 503 at once, never parsed, never forwarded.
+    It closes when the client closes its side, or LINGER seconds on: closing with the client's request
+    unread would reset the connection, and a reset can destroy the 503 before the client reads it
+    (nginx's lingering close, lingering_timeout 5 s)."""
 
-    def __init__(self, handler: Any, *, handler_cancellation: bool = False, **options: Any) -> None:
+    LINGER = 5.0
+
+    def __init__(self, answer: tuple[bytes, bytes]) -> None:
+        self._answer = answer
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is one, though not a subclass
+        head, body = self._answer
+        transport.write(b"".join((head, formatdate(usegmt=True).encode(), b"\r\n\r\n", body)))
+        if transport.can_write_eof():
+            transport.write_eof()  # the answer is whole: the client reads it and closes
+        self._timer = asyncio.get_running_loop().call_later(self.LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # read and dropped, so closing does not reset the connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _refusal(limit: int) -> tuple[bytes, bytes]:
+    """The 503 past the connection cap as wire bytes: the head but for its Date line, and the body."""
+    headers, body = too_many_connections(limit).parts()
+    lines = ["HTTP/1.1 503 Service Unavailable", *(f"{n}: {v}" for n, v in headers),
+             f"Content-Length: {len(body)}", "Connection: close", "Date: "]
+    return "\r\n".join(lines).encode(), body
+
+
+class _Server(web.Server):
+    """web.Server (a documented protocol factory) whose connections answer errors as above, and that
+    holds at most `max_connections` client connections (None: no cap): one past it gets `_Refused`."""
+
+    def __init__(self, handler: Any, *, handler_cancellation: bool = False, max_connections: int | None = None,
+                 **options: Any) -> None:
         super().__init__(handler, handler_cancellation=handler_cancellation, **options)
         self.options = options
+        self.max_connections = max_connections
+        self.open_connections = 0  # counted as each protocol is made: a burst of accepts cannot pass the cap
+        self._refusal = _refusal(max_connections) if max_connections is not None else (b"", b"")
+        self._warned = -math.inf
 
-    def __call__(self) -> web.RequestHandler:  # type: ignore[type-arg]
+    def __call__(self) -> asyncio.Protocol:
+        if self.max_connections is not None and self.open_connections >= self.max_connections:
+            self._warn()
+            return _Refused(self._refusal)
+        self.open_connections += 1
         return _RequestHandler(self, loop=asyncio.get_running_loop(), **self.options)
+
+    def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)  # the public hook every RequestHandler calls once, at its end
+        self.open_connections -= 1
+
+    def _warn(self) -> None:
+        """One line per 10 s at most: a flood of refusals must not flood the log."""
+        now = asyncio.get_running_loop().time()
+        if now - self._warned >= 10:
+            self._warned = now
+            logging.getLogger("openai_resilience_proxy").warning(
+                "client connection refused with 503: listen.max_connections (%d) are open; "
+                "further refusals in the next 10 s are not logged", self.max_connections)
 
 
 def server_runner(handler: Any, *, shutdown_timeout: float, **options: Any) -> web.ServerRunner:
@@ -111,7 +172,8 @@ class TrafficServer:
         self.app = web.Application()
         self.app.cleanup_ctx.append(self._client_ctx)
         self.runner = server_runner(self.forwarder.handle, shutdown_timeout=shutdown_timeout,
-                                    keepalive_timeout=keepalive_timeout, **SERVER_OPTIONS)
+                                    keepalive_timeout=keepalive_timeout,
+                                    max_connections=config.listen.max_connections, **SERVER_OPTIONS)
 
     async def _client_ctx(self, app: web.Application) -> AsyncIterator[None]:
         client = create_client(self.config)

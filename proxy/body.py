@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
-from aiohttp import StreamReader, web
+from aiohttp import HttpVersion11, StreamReader, web
 
 
 class RequestBody(NamedTuple):
@@ -25,22 +25,36 @@ class RequestBody(NamedTuple):
 EMPTY = RequestBody(None, True, 0)
 
 
+BodyFailure = Literal["incomplete", "idle", "total"]
+
+
 class BodyError(Exception):
-    """The client's request body failed: it ended short of its Content-Length, or went silent for
-    longer than the route's idle timeout (a slow-body client, or a malformed chunk after which
-    aiohttp's server parser stops feeding the body without raising)."""
+    """The client's request body failed: it ended short of its Content-Length ("incomplete"), went silent
+    for longer than the route's idle timeout ("idle": a stalled client, or a malformed chunk after which
+    aiohttp's server parser stops feeding the body without raising), or was still arriving when the
+    route's total timeout ran out ("total": a client that sends a byte just inside each idle period)."""
 
-    def __init__(self, timed_out: bool) -> None:
-        super().__init__("timed out" if timed_out else "incomplete")
-        self.timed_out = timed_out
+    def __init__(self, why: BodyFailure) -> None:
+        super().__init__(why)
+        self.why = why
 
 
-async def _read(content: StreamReader, idle: float) -> bytes:
+async def _read(content: StreamReader, idle: float, deadline: float) -> bytes:
+    """Some body bytes, within `idle` and before `deadline` (the loop's clock): one timer, as before."""
+    when = asyncio.get_running_loop().time() + idle
     try:
-        async with asyncio.timeout(idle):
+        async with asyncio.timeout_at(when if when < deadline else deadline):
             return await content.readany()
     except TimeoutError:
-        raise BodyError(timed_out=True) from None
+        raise BodyError("idle" if when < deadline else "total") from None
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    """RFC 9110 10.1.1: a client that sent `Expect: 100-continue` waits for this before its body (curl does
+    above 1 MiB). Sent only when the body is about to be waited for (a body already here needs none) and
+    never to an HTTP/1.0 client. The Expect header itself is not forwarded (the handler drops it)."""
+    if request.version >= HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 @dataclass(slots=True)
@@ -51,6 +65,7 @@ class Upload:
     prefix: list[bytes]  # what was read before the body turned out too large to hold
     content: StreamReader
     idle: float
+    deadline: float  # the loop's clock: when the route's total timeout ends the body phase
     error: BodyError | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -58,36 +73,44 @@ class Upload:
             yield chunk
         self.prefix = []  # not held for the rest of the upload
         try:
-            while chunk := await _read(self.content, self.idle):
+            while chunk := await _read(self.content, self.idle, self.deadline):
                 yield chunk
         except BodyError as exc:
             self.error = exc
             raise
+        except asyncio.CancelledError:  # the attempt's own total timer, due at the same moment, came first:
+            if asyncio.get_running_loop().time() >= self.deadline:  # still the client's body that was late
+                self.error = BodyError("total")
+            raise
 
 
-async def read_body(request: web.BaseRequest, replay_limit: int, idle: float) -> RequestBody:
+async def read_body(request: web.BaseRequest, replay_limit: int, idle: float, total: float) -> RequestBody:
     """Decide replayability from Content-Length when sent; for chunked bodies, by reading up to the limit.
-    A body already in the buffer (the common small JSON request) is taken without a wait or a timer."""
+    A body already in the buffer (the common small JSON request) is taken without a wait or a timer.
+    Each wait is bounded by `idle`, and the whole body phase by `total` (the route's, from now)."""
     if not request.body_exists:
         return EMPTY
     content = request.content
     length = request.content_length
     if length is not None and length > replay_limit:
-        return RequestBody(Upload([], content, idle), False, length)
+        await _continue(request)
+        return RequestBody(Upload([], content, idle, asyncio.get_running_loop().time() + total), False, length)
     data = b"" if length is None else content.read_nowait(length)
     if len(data) == length:
         return RequestBody(data, True, length)
+    deadline = asyncio.get_running_loop().time() + total
+    await _continue(request)
     chunks = [data] if data else []
     held = len(data)
     while held != length:
-        chunk = await _read(content, idle)
+        chunk = await _read(content, idle, deadline)
         if not chunk:
             if length is not None:
-                raise BodyError(timed_out=False)
+                raise BodyError("incomplete")
             break
         chunks.append(chunk)
         held += len(chunk)
         if held > replay_limit:  # chunked only: a known length was checked above
-            return RequestBody(Upload(chunks, content, idle), False, None)
+            return RequestBody(Upload(chunks, content, idle, deadline), False, None)
     data = b"".join(chunks)
     return RequestBody(data, True, len(data))

@@ -63,13 +63,19 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True):
                 msgspec.structs.force_setattr(self, name, getattr(_builtin_sections()[type(self)], name))
 
 
-class Listen(_Section):
+class _Address(_Section):
     host: str = BUILTIN
     port: Port = BUILTIN
 
 
-class Admin(Listen):
-    """The admin listener: Listen's keys, its own built-in values."""
+class Listen(_Address):
+    """The traffic listener; past `max_connections` client connections a new one is answered 503."""
+
+    max_connections: PositiveInt = BUILTIN
+
+
+class Admin(_Address):
+    """The admin listener: an address only."""
 
 
 class Upstream(_Section):

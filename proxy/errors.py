@@ -42,12 +42,28 @@ INCOMPLETE_BODY = ProxyError(400, "incomplete_request_body",
                              "The request body ended before the length its Content-Length header announced.")
 BAD_TARGET = ProxyError(400, "invalid_request_target",
                         "The request target must be a path starting with '/' (this is not a forward proxy).")
+BAD_PATH = ProxyError(400, "invalid_request_target", "The path's '..' segments climb above the root.")
+METHOD_REFUSED = ProxyError(405, "method_not_allowed", "The proxy does not forward CONNECT (it is no tunnel) "
+                                                       "or TRACE (it would echo the request, credentials included).")
 BAD_VERSION = ProxyError(400, "invalid_http_version",
                          "The request line must end with HTTP/1.0 or HTTP/1.1; HTTP/0.9 requests are not forwarded.")
 ADMIN_NOT_FOUND = ProxyError(404, "not_found", "The admin listener serves /healthz, /readyz and /metrics only.")
 ADMIN_METHOD = ProxyError(405, "method_not_allowed", "The admin listener answers GET and HEAD only.")
 BODY_TIMEOUT = ProxyError(408, "request_body_timeout",
                           "The request body stopped arriving (or was malformed) for longer than the idle timeout.")
+
+
+def body_too_slow(total: float) -> ProxyError:
+    """A body still arriving when the route's total timeout ran out (one byte inside each idle period)."""
+    return ProxyError(408, "request_body_timeout", "The request body was still arriving when the total timeout "
+                                                   f"of {format_duration(total)} ran out.")
+
+
+def too_many_connections(limit: int) -> ProxyError:
+    """The answer on a client connection past listen.max_connections; the SDKs retry a 503 after a backoff."""
+    return ProxyError(503, "too_many_connections", f"The proxy already holds its maximum of {limit} client "
+                                                   "connections (listen.max_connections); retry shortly.")
+
 
 # design.md, "Interfaces": the status and code of each proxy-made error
 STATUS_AND_CODE: Mapping[Category, tuple[int, str]] = {

@@ -9,6 +9,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from aiohttp import web
 from yarl import URL
@@ -18,18 +19,32 @@ from .backoff import Random
 from .body import BodyError, RequestBody, Upload, read_body
 from .classify import Category
 from .config import ProxyConfig
-from .errors import BAD_TARGET, BAD_VERSION, BODY_TIMEOUT, INCOMPLETE_BODY, ProxyError, circuit_open, upstream_failure
+from .errors import (BAD_PATH, BAD_TARGET, BAD_VERSION, BODY_TIMEOUT, INCOMPLETE_BODY, METHOD_REFUSED, ProxyError,
+                     body_too_slow, circuit_open, upstream_failure)
 from .events import Emitter, RequestFinished, RequestStarted
-from .headers import request_headers
+from .headers import Headers, request_headers
 from .policy import RoutePolicy, compile_routes
 from .relay import Delivery, deliver, send_error
+from .routes import normalize_path
 from .upstream import UpstreamClient, UrlCache
+
+
+_REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+_CACHED_TARGETS = 4096  # distinct (method, target) pairs remembered; ids in paths would grow it without bound
+
+
+class Target(NamedTuple):
+    """Where one request goes: its route and its path in the one form that is matched, logged and sent."""
+
+    route: RoutePolicy
+    path: str  # normalized, without the query
+    url: URL  # the upstream base URL + that path + the query as sent
 
 
 class Forwarder:
     """Bound to one upstream client and one compiled config; holds no per-request state."""
 
-    __slots__ = ("client", "_routes", "_url", "_host", "_emit", "_clock", "_rng", "_sleep")
+    __slots__ = ("client", "_routes", "_url", "_host", "_emit", "_clock", "_rng", "_sleep", "_targets")
 
     def __init__(self, config: ProxyConfig, emit: Emitter | None = None, *, clock: Callable[[], float] = time.monotonic,
                  rng: Random = random.random, sleep: attempt.Sleep = asyncio.sleep) -> None:
@@ -39,14 +54,38 @@ class Forwarder:
         self._url = UrlCache(config.upstream.url)
         self._host = URL(config.upstream.url).host or config.upstream.url
         self._clock, self._rng, self._sleep = clock, rng, sleep
+        self._targets: dict[tuple[str, str], Target] = {}
+
+    def target(self, method: str, raw: str) -> Target | ProxyError:
+        """Route and upstream URL of a request line, or the error that refuses it; one dict lookup for a
+        request line seen before (OpenAI paths repeat)."""
+        hit = self._targets.get((method, raw))
+        if hit is not None:
+            return hit
+        if method in _REFUSED_METHODS:  # RFC 9110 9.3.6, 9.3.8: no tunnel; TRACE would echo the key back
+            return METHOD_REFUSED
+        if not raw.startswith("/"):  # absolute-form, authority-form or "*"
+            return BAD_TARGET  # never glued onto the upstream URL
+        path, sep, query = raw.partition("?")
+        normal = normalize_path(path)
+        if normal is None:
+            return BAD_PATH
+        found = Target(self._routes.match(method, normal).policy, normal, self._url(normal + sep + query))
+        if len(self._targets) < _CACHED_TARGETS:
+            self._targets[(method, raw)] = found
+        return found
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.version.major != 1:  # HTTP/0.9 (a versionless request line): no headers, no framing
             return BAD_VERSION.response()
-        if not request.raw_path.startswith("/"):  # absolute-form, authority-form (CONNECT) or "*"
-            return BAD_TARGET.response()  # never glued onto the upstream URL
+        target = self.target(request.method, request.raw_path)
+        if isinstance(target, ProxyError):
+            refusal = target.response()
+            if target is METHOD_REFUSED:
+                refusal.force_close()  # after CONNECT come tunnel bytes, not HTTP
+            return refusal
         start = self._clock()
-        route = self._routes.match(request.method, request.path).policy
+        route = target.route
         self._emit(RequestStarted(route.name))
         outcome: attempt.Outcome | None = None
         delivery = Delivery()
@@ -56,12 +95,11 @@ class Forwarder:
             outcome = attempt.refused(route, start)
             if outcome is None:
                 try:
-                    body = await read_body(request, route.replay_limit, route.idle)
+                    body = await read_body(request, route.replay_limit, route.idle, route.total)
                 except BodyError as exc:
-                    return await send_error(request, delivery, _body_error(exc), Category.CLIENT)
-                ex = attempt.Exchange(request.method, request.path, self._url(request.raw_path),
-                                      request_headers(request.headers), body, start,
-                                      attempt.client_deadline(request.headers, start, route.total))
+                    return await send_error(request, delivery, _body_error(exc, route), Category.CLIENT)
+                ex = attempt.Exchange(request.method, target.path, target.url, _forwarded_headers(request), body,
+                                      start, attempt.client_deadline(request.headers, start, route.total))
                 assert self.client is not None
                 # the probe is taken in there, after the body is read: a stalled upload never holds it
                 outcome = await attempt.run(self.client, route, ex, self._emit,
@@ -75,7 +113,7 @@ class Forwarder:
             if category is Category.CIRCUIT_OPEN:
                 err = circuit_open(route.breaker.name, outcome.retry_after, extra)
             elif body is not None and isinstance(body.data, Upload) and body.data.error:  # the client's upload broke
-                return await send_error(request, delivery, _body_error(body.data.error), Category.CLIENT, extra)
+                return await send_error(request, delivery, _body_error(body.data.error, route), Category.CLIENT, extra)
             else:
                 assert outcome.error is not None
                 err = upstream_failure(category, outcome.error, host=self._host, first_byte=route.first_byte,
@@ -85,15 +123,15 @@ class Forwarder:
         finally:
             if outcome is not None and delivery.status is not None:
                 attempt.stream_ended(route, outcome, delivery.category, delivery.aborted, delivery.complete)
-            self._finished(request, route, start, ttfb, body, outcome, delivery)
+            self._finished(request, route, target.path, start, ttfb, body, outcome, delivery)
 
-    def _finished(self, request: web.BaseRequest, route: RoutePolicy, start: float, ttfb: float | None,
+    def _finished(self, request: web.BaseRequest, route: RoutePolicy, path: str, start: float, ttfb: float | None,
                   body: RequestBody | None, outcome: attempt.Outcome | None, d: Delivery) -> None:
         h = request.headers
         lang = h.get("x-stainless-lang")
         sdk = f"{lang}/{h.get('x-stainless-package-version', '?')}" if lang else None
         self._emit(RequestFinished(
-            route=route.name, method=request.method, path=request.path, status=d.status, category=d.category,
+            route=route.name, method=request.method, path=path, status=d.status, category=d.category,
             attempts=outcome.attempts if outcome else 0, stop_reason=outcome.stop if outcome else None,
             aborted=d.aborted or d.client_gone or not d.complete, duration_s=self._clock() - start, ttfb_s=ttfb,
             bytes_in=body.size if body else None, bytes_out=d.bytes_out, replayable=body.replayable if body else True,
@@ -101,8 +139,19 @@ class Forwarder:
         ))
 
 
-def _body_error(exc: BodyError) -> ProxyError:
-    return BODY_TIMEOUT if exc.timed_out else INCOMPLETE_BODY
+def _body_error(exc: BodyError, route: RoutePolicy) -> ProxyError:
+    if exc.why == "total":
+        return body_too_slow(route.total)
+    return BODY_TIMEOUT if exc.why == "idle" else INCOMPLETE_BODY
+
+
+def _forwarded_headers(request: web.BaseRequest) -> Headers:
+    """The end-to-end headers. `Expect` is the proxy's to answer (read_body sends the 100) and is never
+    passed on, as nginx and Envoy do: the upstream would wait for a body the client already sent."""
+    headers = request_headers(request.headers)
+    if "Expect" in request.headers:
+        headers = [(name, value) for name, value in headers if name.lower() != "expect"]
+    return headers
 
 
 def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy) -> dict[str, str]:

@@ -16,6 +16,36 @@ P = TypeVar("P")
 DEFAULT_ROUTE = "default"
 _PARAM = re.compile(r"^\{[A-Za-z_][A-Za-z0-9_]*\}$")
 _LITERAL = re.compile(r"^[A-Za-z0-9._~!$&'()+,;=:@%-]+$")
+# RFC 3986 2.3: an escaped unreserved character (ALPHA, DIGIT, "-", ".", "_", "~") is that character
+_UNRESERVED_ESCAPE = re.compile(r"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DEde]|5[Ff]|7[Ee])")
+
+
+def _unescape(m: re.Match[str]) -> str:
+    return chr(int(m[0][1:], 16))
+
+
+def normalize_path(path: str) -> str | None:
+    """The one form of a request path that is matched, logged and forwarded (RFC 3986 6.2.2, as Envoy's
+    normalize_path forwards it): escapes of unreserved characters decoded (`/v1/%63hat` is `/v1/chat`),
+    then dot-segments resolved (5.2.4). Other escapes stay (`%2F` is no segment break), and so do repeated
+    slashes (Envoy's merge_slashes is off by default too). None: a `..` climbs above the root, which nginx
+    answers 400; so no path can leave the upstream URL's base path."""
+    if "%" in path:
+        path = _UNRESERVED_ESCAPE.sub(_unescape, path)
+    if "/." not in path:
+        return path
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if not out:
+                return None
+            out.pop()
+        elif segment != ".":
+            out.append(segment)
+    if segments[-1] in (".", ".."):  # "/v1/models/.." is "/v1/", not "/v1"
+        out.append("")
+    return "/" + "/".join(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +88,10 @@ def compile_path(text: str) -> PathPattern:
             raise ValueError(f"'*' is allowed only as the last segment ('/*') in {text!r}")
         elif not _LITERAL.match(part):
             raise ValueError(f"invalid characters in segment {part!r} of {text!r}")
-    return PathPattern(text, tuple(None if part.startswith("{") else part for part in parts), prefix)
+        elif part in (".", ".."):
+            raise ValueError(f"dot-segment {part!r} in {text!r}: request paths are matched with them resolved")
+    literal = [None if part.startswith("{") else _UNRESERVED_ESCAPE.sub(_unescape, part) for part in parts]
+    return PathPattern(text, tuple(literal), prefix)  # literals in the form normalize_path gives requests
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,7 +135,7 @@ def test_gateway_renders_deployment_service_configmap(render: Render) -> None:
 
 def test_gateway_config_listens_on_all_interfaces_and_passes_check_config(render: Render, tmp_path: Path) -> None:
     effective = check_config(render().one("ConfigMap")["data"]["config.yaml"], tmp_path)
-    assert effective["listen"] == {"host": "0.0.0.0", "port": 8080}
+    assert effective["listen"] == {"host": "0.0.0.0", "port": 8080, "max_connections": 4096}
     assert effective["admin"] == {"host": "0.0.0.0", "port": ADMIN_PORT}
 
 
@@ -257,7 +257,7 @@ def test_example_app_runs_the_proxy_as_a_native_sidecar(render: Render, example_
     config = yaml.safe_load(r.one("ConfigMap")["data"]["config.yaml"])
     assert spec["terminationGracePeriodSeconds"] > grace_seconds(config)
     effective = check_config(r.one("ConfigMap")["data"]["config.yaml"], tmp_path)
-    assert effective["listen"] == {"host": "127.0.0.1", "port": 8080}  # only the pod reaches it
+    assert effective["listen"] == {"host": "127.0.0.1", "port": 8080, "max_connections": 4096}  # only the pod reaches it
     assert effective["admin"] == {"host": "0.0.0.0", "port": ADMIN_PORT}  # the kubelet and Prometheus do
 
 

@@ -26,7 +26,7 @@ async def test_check_config_prints_effective_config_and_exits_0():
     code, out, err = await _run("--check-config", "--port", "8181", "--upstream", "http://upstream.example:9")
     assert code == 0, err
     doc = yaml.safe_load(out)
-    assert doc["listen"] == {"host": "127.0.0.1", "port": 8181}
+    assert doc["listen"] == {"host": "127.0.0.1", "port": 8181, "max_connections": 4096}
     assert doc["upstream"]["url"] == "http://upstream.example:9"
     assert doc["defaults"]["timeouts"] == {"connect": "5s", "first_byte": "10m", "idle": "5m", "total": "15m"}
 
@@ -38,7 +38,7 @@ async def test_environment_beats_file_and_flags_beat_environment(tmp_path: Path)
                                 env={"PROXY_CONFIG": str(path), "PROXY_PORT": "7001", "PROXY_ADMIN_PORT": "7101"})
     assert code == 0, err
     doc = yaml.safe_load(out)
-    assert doc["listen"] == {"host": "127.0.0.2", "port": 7002}
+    assert doc["listen"] == {"host": "127.0.0.2", "port": 7002, "max_connections": 4096}
     assert doc["admin"]["port"] == 7101
 
 
