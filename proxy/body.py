@@ -23,6 +23,7 @@ class RequestBody(NamedTuple):
 
 
 EMPTY = RequestBody(None, True, 0)
+ZERO = RequestBody(b"", True, 0)
 
 
 BodyFailure = Literal["incomplete", "idle", "total"]
@@ -88,8 +89,8 @@ async def read_body(request: web.BaseRequest, replay_limit: int, idle: float, to
     """Decide replayability from Content-Length when sent; for chunked bodies, by reading up to the limit.
     A body already in the buffer (the common small JSON request) is taken without a wait or a timer.
     Each wait is bounded by `idle`, and the whole body phase by `total` (the route's, from now)."""
-    if not request.body_exists:
-        return EMPTY
+    if not request.body_exists:  # a client's `Content-Length: 0` is kept, whatever the method
+        return ZERO if request.content_length == 0 else EMPTY
     content = request.content
     length = request.content_length
     if length is not None and length > replay_limit:

@@ -22,7 +22,7 @@ from .config import ProxyConfig
 from .errors import (BAD_PATH, BAD_TARGET, BAD_VERSION, BODY_TIMEOUT, INCOMPLETE_BODY, METHOD_REFUSED, ProxyError,
                      body_too_slow, circuit_open, upstream_failure)
 from .events import Emitter, RequestFinished, RequestStarted
-from .headers import Headers, request_headers
+from .headers import request_headers
 from .policy import RoutePolicy, compile_routes
 from .relay import Delivery, deliver, send_error
 from .routes import normalize_path
@@ -98,8 +98,8 @@ class Forwarder:
                     body = await read_body(request, route.replay_limit, route.idle, route.total)
                 except BodyError as exc:
                     return await send_error(request, delivery, _body_error(exc, route), Category.CLIENT)
-                ex = attempt.Exchange(request.method, target.path, target.url, _forwarded_headers(request), body,
-                                      start, attempt.client_deadline(request.headers, start, route.total))
+                ex = attempt.Exchange(request.method, target.path, target.url, request_headers(request.headers),
+                                      body, start, attempt.client_deadline(request.headers, start, route.total))
                 assert self.client is not None
                 # the probe is taken in there, after the body is read: a stalled upload never holds it
                 outcome = await attempt.run(self.client, route, ex, self._emit,
@@ -109,7 +109,8 @@ class Forwarder:
             category = outcome.verdict.category
             if outcome.response is not None:
                 return await deliver(request, delivery, outcome.response, outcome.prefetched, outcome.complete, extra,
-                                     route.idle, category, remaining=start + route.total - self._clock())
+                                     route.idle, category, remaining=start + route.total - self._clock(),
+                                     path=target.path)
             if category is Category.CIRCUIT_OPEN:
                 err = circuit_open(route.breaker.name, outcome.retry_after, extra)
             elif body is not None and isinstance(body.data, Upload) and body.data.error:  # the client's upload broke
@@ -143,15 +144,6 @@ def _body_error(exc: BodyError, route: RoutePolicy) -> ProxyError:
     if exc.why == "total":
         return body_too_slow(route.total)
     return BODY_TIMEOUT if exc.why == "idle" else INCOMPLETE_BODY
-
-
-def _forwarded_headers(request: web.BaseRequest) -> Headers:
-    """The end-to-end headers. `Expect` is the proxy's to answer (read_body sends the 100) and is never
-    passed on, as nginx and Envoy do: the upstream would wait for a body the client already sent."""
-    headers = request_headers(request.headers)
-    if "Expect" in request.headers:
-        headers = [(name, value) for name, value in headers if name.lower() != "expect"]
-    return headers
 
 
 def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy) -> dict[str, str]:

@@ -9,7 +9,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 # Host is the upstream's (aiohttp sets it from the URL); the length is recomputed per hop.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}  # Expect: the proxy answers the 100 itself
 # The proxy's coordination headers are its own (design.md, client contract): the upstream's copies
 # never reach the client beside them. x-should-retry is replaced only when the proxy sets it.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-proxy-attempts"}

@@ -133,7 +133,7 @@ async def send_error(request: web.BaseRequest, d: Delivery, err: ProxyError, cat
 
 async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefetched: bytes | None,
                   complete: bool, extra: Mapping[str, str], idle: float, category: Category,
-                  remaining: float) -> web.StreamResponse:
+                  remaining: float, path: str) -> web.StreamResponse:
     """Send `up` to the client, with the proxy's coordination headers `extra` in place of any the
     upstream sent. Owns `up`: it is released or closed on every path out."""
     reusable = complete  # a body read whole leaves the upstream connection between responses
@@ -147,7 +147,7 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
         if complete and prefetched is not None and not _bodiless(request.method, up.status):
             return await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
                                        "Date" in up.headers)
-        resp = await _stream(request, d, up, prefetched, headers, idle, remaining)
+        resp = await _stream(request, d, up, prefetched, headers, idle, remaining, path)
         reusable = d.complete and not d.aborted and not d.client_gone
         return resp
     finally:
@@ -158,13 +158,13 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
 
 
 async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefix: bytes | None,
-                  headers: Headers, idle: float, remaining: float) -> web.StreamResponse:
+                  headers: Headers, idle: float, remaining: float, path: str) -> web.StreamResponse:
     """Copy the body after the commit. `remaining` (of timeouts.total) bounds the whole copy: else
     a client that stops reading would hold this handler and the upstream connection forever."""
     watcher = None
     if is_event_stream(up.headers):
         headers.append(("X-Accel-Buffering", "no"))  # ingress controllers must not batch events
-        markers = end_markers(request.method, request.path)
+        markers = end_markers(request.method, path)  # the matched path, as routing and the upstream saw it
         if markers is not None and up.status == 200 and readable_stream(up.headers):  # else relayed unjudged
             watcher = StreamWatcher(*markers)
     writer = request.writer

@@ -3,6 +3,7 @@ upstream ends each stream cleanly, so only the proxy's end-marker check decides.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import openai
@@ -106,3 +107,23 @@ async def test_a_short_stream_read_whole_is_judged_before_the_commit(start_proxy
     mock.script("/v1/chat/completions", _sized(_chunk("a"), b"data:[DONE]\n\n"))
     assert await _collect(proxy) == ["a"]
     assert (recorder.requests[-1].status, recorder.requests[-1].aborted) == (200, False)
+
+
+
+async def test_a_stream_reached_through_dot_segments_is_judged_too(start_proxy, mock, recorder):
+    """`/v1/x/../chat/completions` is routed and forwarded as /v1/chat/completions: its stream is
+    judged by that path's end marker, so a cut one is aborted, not closed as complete. Raw bytes:
+    the SDKs resolve dot-segments before sending."""
+    proxy = await start_proxy()
+    mock.script("/v1/chat/completions", _response(_chunk("a")))  # no [DONE]
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps(CHAT).encode()
+    writer.write(b"POST /v1/x/../chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + TEST_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    async with asyncio.timeout(10):
+        answer = await reader.read()  # to the end: the proxy cuts the connection of an aborted stream
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and not answer.endswith(b"0\r\n\r\n")
+    (req,) = recorder.requests
+    assert (req.status, req.aborted, req.category) == (200, True, "invalid_response")

@@ -170,6 +170,17 @@ async def test_empty_body_of_a_body_method_reaches_the_upstream_with_content_len
     assert "content-length" not in sent[1]  # a GET without a body gets none (RFC 9110 8.6)
 
 
+@pytest.mark.parametrize("method", ["GET", "DELETE", "OPTIONS"])
+async def test_a_clients_content_length_0_is_kept_for_any_method(start_proxy, method):
+    """The client framed its request with `Content-Length: 0`: the upstream sees the same framing."""
+    async with EvilUpstream(_echo) as up:
+        proxy = await start_proxy(TIMEOUTS, upstream=up.url)
+        assert await _get(proxy.url, "/v1/files/f1", method=method, extra="Content-Length: 0\r\n") == (
+            200, b"/v1/files/f1")
+    sent = [r.headers for c in up.conns for r in c.requests]
+    assert sent[0].get("content-length") == "0" and "transfer-encoding" not in sent[0]
+
+
 # ------------------------------------------------------------------ item 8: the status line
 
 def _raw(data: bytes, then: str = "hold") -> Callable[[Conn, int], Awaitable[None]]:
