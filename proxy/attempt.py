@@ -13,7 +13,7 @@ import aiohttp
 from yarl import URL
 
 from .backoff import Random, parse_retry_after
-from .body import RequestBody
+from .body import RequestBody, Upload
 from .breaker import Permit
 from .classify import (ERROR_BODY_LIMIT, UPSTREAM_ERRORS, Category, UnrelayableResponse, Verdict,
                        classify_exception, classify_status)
@@ -167,7 +167,9 @@ async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emi
             up.close()
         raise
     category = outcome.verdict.category
-    if category == "ok" and not outcome.complete and permit is Permit.PASS and up is not None:
+    if isinstance(ex.body.data, Upload) and ex.body.data.error is not None:
+        breaker.release(permit)  # the client's upload broke: that says nothing about the upstream
+    elif category == "ok" and not outcome.complete and permit is Permit.PASS and up is not None:
         outcome.deferred = True
     else:
         breaker.record(category, permit)

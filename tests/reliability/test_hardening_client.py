@@ -274,3 +274,32 @@ def test_route_literals_are_matched_in_the_normalized_form():
     assert compile_path("/v1/%63hat/*").segments == ("v1", "chat")
     with pytest.raises(ValueError, match="dot-segment"):
         compile_path("/v1/../x")
+
+
+async def test_a_clients_broken_upload_does_not_count_against_the_upstream(start_proxy, mock: MockUpstream, recorder):
+    """A streamed upload cut by the total timeout while the client trickles it is the client's failure
+    (408): the route's breaker (failure_threshold 1) must not open, so the next request is forwarded."""
+    proxy = await start_proxy({"defaults": {"timeouts": {"total": "500ms"}, "retry": {"replay_limit": "16"},
+                                            "breaker": {"failure_threshold": 1}}})
+    c = await Conn.open(proxy.url)
+    await c.send(b"POST /v1/files HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Type: application/octet-stream\r\n"
+                 b"Content-Length: 200\r\n\r\n" + b"x" * 32)
+
+    async def trickle() -> None:
+        for _ in range(168):
+            await c.send(b"x")
+            await asyncio.sleep(0.05)  # the client's pace, not a synchronisation
+
+    dribbling = asyncio.create_task(trickle())
+    try:
+        status, headers, _ = await c.response()
+    finally:
+        dribbling.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await dribbling
+        c.close()
+    assert (status, headers.get("x-proxy-error")) == (408, "request_body_timeout")
+    reply = await exchange(proxy.url, b"POST /v1/files HTTP/1.1\r\nHost: x\r\n" + AUTH
+                           + b"Content-Type: application/octet-stream\r\nContent-Length: 4\r\n\r\nabcd")
+    assert reply.status == 200, reply.body[:200]
+    assert [e.new for e in recorder.events if type(e).__name__ == "BreakerChange"] == []
