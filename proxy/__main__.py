@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     for flag, var, keys, text in _SETTINGS:  # the defaults shown are proxy/default.yaml's
         metavar = "N" if flag == "--workers" else keys[-1].upper()
         p.add_argument(flag, metavar=metavar, help=f"{text} (env {var}; default {cfg.builtin_value(keys)})")
-    p.add_argument("--check-config", action="store_true", help="validate, print the effective config, exit (a command: no env twin)")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate, print the effective config, exit (a command: no env twin)")
     return p
 
 
