@@ -10,6 +10,7 @@ import functools
 import os
 import ssl
 import types
+import typing
 import urllib.request
 from collections.abc import Iterable
 from importlib.resources import files
@@ -62,7 +63,7 @@ def _proxy_url(value: str) -> URL:
     except (TypeError, ValueError):
         u = URL()
     if u.scheme != "http" or not u.host or u.path not in ("", "/") or u.query_string or u.fragment:
-        why = (f"an {u.scheme}:// forward proxy is not supported" if u.scheme and u.scheme != "http" and u.host
+        why = (f"a forward proxy must be http://, not {u.scheme}://" if u.scheme and u.scheme != "http" and u.host
                else "expected none, env or http://[user:password@]host:port")
         raise ValueError(f"{why}, got {mask(value)!r}")
     return u
@@ -82,10 +83,10 @@ def _ca_file(value: Any) -> str:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
     except FileNotFoundError:
         raise ValueError(f"file not found: {value!r}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {value!r} ({type(exc).__name__})") from None
-    except (ssl.SSLError, ValueError):  # ValueError: no certificate in it
+    except (ssl.SSLError, ValueError):  # an SSLError is an OSError; ValueError: no certificate, or not ASCII
         raise ValueError(f"{value!r} holds no PEM certificate (expected -----BEGIN CERTIFICATE----- blocks)") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {value!r} ({type(exc).__name__})") from None
     return str(value)
 
 
@@ -216,7 +217,7 @@ def _typed(tp: Any, value: Any, path: str, source: str, strict: bool = True) -> 
             raise ConfigError(source, path, f"missing required key {missing[0]!r}")
         return tp(**{k: _typed(fields[k].type, v, f"{path}.{k}".lstrip("."), source) for k, v in value.items()})
     origin, args = get_origin(tp), get_args(tp)
-    if origin is types.UnionType:  # `X | None`
+    if origin in (types.UnionType, typing.Union):  # `X | None` (a NewType's `|` makes a typing.Union)
         return None if value is None else _typed(args[0], value, path, source, strict)
     if origin in (list, tuple):
         if not isinstance(value, list):

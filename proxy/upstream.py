@@ -32,6 +32,8 @@ _UNREACHABLE = ((ssl.SSLCertVerificationError, "its TLS certificate could not be
                 (ssl.SSLError, "the TLS handshake failed"), (socket.gaierror, "its host name could not be resolved"),
                 (ConnectionRefusedError, "the connection was refused"), (OSError, "the connection could not be established"))
 _TUNNEL_HEAD = 2**16  # a forward proxy's answer to CONNECT, at most
+_PROXY_407 = "the forward proxy refused the request (407 Proxy Authentication Required): " \
+             "check the credentials in upstream.proxy"
 
 
 class Pool:
@@ -118,6 +120,8 @@ class Pool:
                 while not resp.status and resp.exc is None:
                     await resp.wait()
                 if resp.exc is None:
+                    if resp.status == 407 and self._absolute:  # the forward proxy's answer, not the upstream's
+                        raise UpstreamUnreachable(self._hostport, _PROXY_407, ConnectionRefusedError(_PROXY_407))
                     resp.task = None
                     return resp
                 if not (isinstance(resp.exc, aiohttp.ServerDisconnectedError) and reused and resendable
