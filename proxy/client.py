@@ -9,6 +9,7 @@ no HTTP/1.1 response may have), their messages carry at most host:port: never th
 from __future__ import annotations
 
 import asyncio
+import http
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -25,6 +26,24 @@ _MAX_FIELD, _MAX_FIELDS, _MAX_HEAD = 8190, 128, 2**20  # aiohttp's limits on a r
 _OURS = frozenset({"host", "content-length", "transfer-encoding"})  # set by the client, not the caller
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # CR and LF are counted apart
 EMPTY: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+_CONNECT_STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})[ \r]")
+
+
+def tunnel_refusal(head: bytes) -> str | None:
+    """Why a forward proxy's answer to CONNECT (read up to its blank line) opens no tunnel, or None.
+    A fixed phrase with the status: never the proxy's own words, which may echo the request."""
+    if (m := _CONNECT_STATUS.match(head)) is None:
+        return "the forward proxy did not answer CONNECT with HTTP/1.x"
+    if not 200 <= (status := int(m[1])) < 300:
+        try:
+            phrase = f" {http.HTTPStatus(status).phrase}"
+        except ValueError:
+            phrase = ""
+        hint = ": check the credentials in upstream.proxy" if status == 407 else ""
+        return f"the forward proxy refused the tunnel ({status}{phrase}){hint}"
+    if not head.endswith(b"\r\n\r\n"):
+        return "the forward proxy sent bytes before the TLS handshake"
+    return None
 
 
 def request_head(method: str, target: str, host_line: str, headers: list[tuple[str, str]],

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import ssl
 import types
+import typing
+import urllib.request
 from collections.abc import Iterable
 from importlib.resources import files
 from pathlib import Path
@@ -17,6 +21,7 @@ import msgspec
 import yaml
 from yarl import URL
 
+from .masking import mask
 from .routes import DEFAULT_ROUTE, PathPattern, Route, RouteTable, compile_path
 from .units import Duration, Size, format_duration, format_size, to_duration, to_size
 
@@ -29,6 +34,8 @@ class ConfigError(Exception):
 
 
 HttpUrl = NewType("HttpUrl", str)  # checked by _url; a plain str at run time
+ForwardProxy = NewType("ForwardProxy", str)  # none, env or http://[user:pass@]host:port (_forward_proxy)
+CaFile = NewType("CaFile", str)  # a readable PEM file of CA certificates (_ca_file)
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535, description="a port number")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 RouteName = Annotated[str, msgspec.Meta(pattern=rf"^(?!{DEFAULT_ROUTE}\Z)[A-Za-z0-9_.-]+\Z",
@@ -49,8 +56,43 @@ def _url(value: Any) -> str:
     raise ValueError(f"expected an http:// or https:// base URL without query, got {value!r}")
 
 
+def _proxy_url(value: str) -> URL:
+    """An http:// forward proxy URL (ValueError otherwise; the message never holds its credentials)."""
+    try:
+        u = URL(value)
+    except (TypeError, ValueError):
+        u = URL()
+    if u.scheme != "http" or not u.host or u.path not in ("", "/") or u.query_string or u.fragment:
+        why = (f"a forward proxy must be http://, not {u.scheme}://" if u.scheme and u.scheme != "http" and u.host
+               else "expected none, env or http://[user:password@]host:port")
+        raise ValueError(f"{why}, got {mask(value)!r}")
+    return u
+
+
+def _forward_proxy(value: Any) -> str:
+    if value is None or value in ("none", "env"):
+        return value or "none"
+    _proxy_url(str(value))
+    return str(value)
+
+
+def _ca_file(value: Any) -> str:
+    """A file of PEM CA certificates, loaded once here so a bad one fails at startup, not on the first request."""
+    try:
+        text = Path(value).read_text(encoding="ascii")
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
+    except FileNotFoundError:
+        raise ValueError(f"file not found: {value!r}") from None
+    except (ssl.SSLError, ValueError):  # an SSLError is an OSError; ValueError: no certificate, or not ASCII
+        raise ValueError(f"{value!r} holds no PEM certificate (expected -----BEGIN CERTIFICATE----- blocks)") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {value!r} ({type(exc).__name__})") from None
+    return str(value)
+
+
 # Types msgspec cannot check itself: each parser raises ValueError with the whole message.
-_PARSE = {Duration: to_duration, Size: to_size, HttpUrl: _url, PathPattern: compile_path}
+_PARSE = {Duration: to_duration, Size: to_size, HttpUrl: _url, PathPattern: compile_path,
+          ForwardProxy: _forward_proxy, CaFile: _ca_file}
 BUILTIN: Any = msgspec.UNSET  # a field's default: its value is written in proxy/default.yaml
 
 
@@ -81,6 +123,8 @@ class Admin(_Address):
 class Upstream(_Section):
     url: HttpUrl = BUILTIN
     max_connections: PositiveInt = BUILTIN
+    proxy: ForwardProxy = BUILTIN  # egress through a forward proxy: forward_proxy() resolves it
+    ca_file: CaFile | None = BUILTIN  # the CAs to trust instead of the system's (SSL_CERT_FILE) ones
 
 
 class Timeouts(_Section):
@@ -173,7 +217,7 @@ def _typed(tp: Any, value: Any, path: str, source: str, strict: bool = True) -> 
             raise ConfigError(source, path, f"missing required key {missing[0]!r}")
         return tp(**{k: _typed(fields[k].type, v, f"{path}.{k}".lstrip("."), source) for k, v in value.items()})
     origin, args = get_origin(tp), get_args(tp)
-    if origin is types.UnionType:  # `X | None`
+    if origin in (types.UnionType, typing.Union):  # `X | None` (a NewType's `|` makes a typing.Union)
         return None if value is None else _typed(args[0], value, path, source, strict)
     if origin in (list, tuple):
         if not isinstance(value, list):
@@ -282,8 +326,27 @@ def load(path: str | None, overrides: Iterable[Override] = ()) -> ProxyConfig:
     top = _typed(_File, raw, "", source)
     _check_policy(top.defaults, "defaults", source)
     table = _build_routes(top, raw["defaults"], source)
+    forward_proxy(top.upstream)  # a bad https_proxy fails here, as a bad file would
     fields = msgspec.structs.asdict(top) | {"routes": table, "shutdown_grace": float(top.shutdown_grace)}
     return ProxyConfig(**fields, source=source)
+
+
+def forward_proxy(upstream: Upstream) -> URL | None:
+    """The forward proxy to reach upstream.url through, or None (direct). `env` reads https_proxy /
+    http_proxy / no_proxy as urllib and curl do: lower case first, then upper; a value without a scheme
+    is http://. A bad value is a ConfigError naming the variable, never its credentials."""
+    if upstream.proxy != "env":
+        return None if upstream.proxy == "none" else _proxy_url(upstream.proxy)
+    url = URL(upstream.url)
+    found = urllib.request.getproxies_environment()
+    value = found.get(url.scheme)
+    if not value or urllib.request.proxy_bypass_environment(url.host_port_subcomponent or "", found):
+        return None
+    name = next((n for n in (f"{url.scheme}_proxy", f"{url.scheme.upper()}_PROXY") if os.environ.get(n)), "")
+    try:
+        return _proxy_url(value if "://" in value else f"http://{value}")
+    except ValueError as exc:
+        raise ConfigError(f"environment {name}", "", f"{exc} (upstream.proxy is env)") from None
 
 
 def _spelled(obj: Any) -> Any:

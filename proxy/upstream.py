@@ -6,6 +6,7 @@ and nothing is added: no cookies, redirects, User-Agent, Accept or Content-Type.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import socket
 import ssl
@@ -19,8 +20,8 @@ from yarl import URL
 
 from .body import RequestBody
 from .classify import UpstreamUnreachable
-from .client import EMPTY, Body, Connection, Response, request_head
-from .config import ProxyConfig
+from .client import EMPTY, Body, Connection, Response, request_head, tunnel_refusal
+from .config import ProxyConfig, forward_proxy
 from .headers import Headers
 
 _SMALL_WRITE = 2**16  # a bytes body up to this goes out in the head's write
@@ -30,14 +31,22 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "QUERY"})  # an empty body is
 _UNREACHABLE = ((ssl.SSLCertVerificationError, "its TLS certificate could not be verified"),
                 (ssl.SSLError, "the TLS handshake failed"), (socket.gaierror, "its host name could not be resolved"),
                 (ConnectionRefusedError, "the connection was refused"), (OSError, "the connection could not be established"))
+_TUNNEL_HEAD = 2**16  # a forward proxy's answer to CONNECT, at most
+_PROXY_407 = "the forward proxy refused the request (407 Proxy Authentication Required): " \
+             "check the credentials in upstream.proxy"
 
 
 class Pool:
     """Keep-alive HTTP/1.1 connections to one upstream. A request holds one of `max_connections`
-    slots until its response ends, so there are never more connections than that."""
+    slots until its response ends, so there are never more connections than that. Through a forward
+    `proxy`: an http upstream gets absolute-form requests, an https one a CONNECT tunnel per connection."""
+
+    _absolute = ""  # proxied http upstream: "http://host:port", the absolute-form prefix
+    _proxy_headers: tuple[tuple[str, str], ...] = ()  # with it: the proxy's credentials, on every request
+    _connect: bytes | None = None  # proxied https upstream: the CONNECT request opening each connection
 
     def __init__(self, base_url: str, *, max_connections: int, keepalive_timeout: float = 60.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, proxy: URL | None = None) -> None:
         url = URL(base_url)
         if url.scheme not in ("http", "https") or not url.raw_host or max_connections < 1:
             raise ValueError("base_url must be http(s)://host[:port] and max_connections at least 1")
@@ -58,9 +67,22 @@ class Pool:
         self._conns: set[Connection] = set()  # every open connection, idle or not
         self._cleanup_handle: asyncio.TimerHandle | None = None
         self._addrs: list[Any] = []
+        self._proxied = proxy is not None
+        self._dial = (self._host, self._port) if proxy is None else (proxy.raw_host or "", proxy.port or 80)
+        if proxy is not None:
+            self._via(proxy, url)
         self._addrs_until = 0.0
         self._closed = False
         self.connections_made = 0
+
+    def _via(self, proxy: URL, url: URL) -> None:
+        auth = (("Proxy-Authorization", "Basic " + base64.b64encode(
+            f"{proxy.user or ''}:{proxy.password or ''}".encode()).decode()),) if proxy.user is not None else ()
+        if url.scheme == "http":
+            self._absolute, self._proxy_headers = f"http://{url.host_port_subcomponent}", auth
+        else:
+            lines = [f"CONNECT {self._hostport} HTTP/1.1", f"Host: {self._hostport}", *map(": ".join, auth), "", ""]
+            self._connect = "\r\n".join(lines).encode()
 
     open_connections = property(lambda self: len(self._conns))
     idle_connections = property(lambda self: len(self._idle))
@@ -73,7 +95,10 @@ class Pool:
         with a bytes body: a POST that reached the upstream could run twice, so it fails as `network`."""
         if self._closed:
             raise RuntimeError("the client is closed")
-        head, length = request_head(method, url.raw_path_qs, self._host_line, headers, data)
+        target = url.raw_path_qs
+        if self._absolute:  # through a forward proxy
+            target, headers = self._absolute + target, [*headers, *self._proxy_headers]
+        head, length = request_head(method, target, self._host_line, headers, data)
         resendable = method in _IDEMPOTENT and (data is None or isinstance(data, Body))
         if isinstance(data, Body) and len(data) <= _SMALL_WRITE:
             head, data = head + data, None
@@ -95,6 +120,8 @@ class Pool:
                 while not resp.status and resp.exc is None:
                     await resp.wait()
                 if resp.exc is None:
+                    if resp.status == 407 and self._absolute:  # the forward proxy's answer, not the upstream's
+                        raise UpstreamUnreachable(self._hostport, _PROXY_407, ConnectionRefusedError(_PROXY_407))
                     resp.task = None
                     return resp
                 if not (isinstance(resp.exc, aiohttp.ServerDisconnectedError) and reused and resendable
@@ -137,19 +164,23 @@ class Pool:
             self.drop(conn)
         if fresh and len(self._conns) >= self._max and self._idle:
             self.drop(self._idle[0])  # make room for the fresh connection
-        loop = self.loop
+        loop, sock = self.loop, None
         try:
             async with asyncio.timeout(timeout.sock_connect or None) as cm:
                 if loop.time() >= self._addrs_until:
-                    self._addrs = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+                    self._addrs = await loop.getaddrinfo(*self._dial, type=socket.SOCK_STREAM)
                     self._addrs_until = loop.time() + _DNS_TTL
                 sock = await aiohappyeyeballs.start_connection(self._addrs, happy_eyeballs_delay=0.25)
+                if self._connect is not None:
+                    await self._tunnel(sock, self._connect)
                 _, conn = await loop.create_connection(lambda: Connection(self), sock=sock, ssl=self._ssl,
                                                        server_hostname=self._host.rstrip(".") if self._ssl else None)
         except OSError as exc:
             if isinstance(exc, TimeoutError) and cm.expired():
                 raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {self._hostport}") from None
             why = next(why for kind, why in _UNREACHABLE if isinstance(exc, kind))
+            if sock is None and self._proxied:
+                why = f"the forward proxy could not be reached: {why}"
             raise UpstreamUnreachable(self._hostport, why, exc) from exc
         self._conns.add(conn)
         self.connections_made += 1
@@ -157,6 +188,24 @@ class Pool:
             self.drop(conn)
             raise aiohttp.ClientConnectionError("the client is closed")
         return conn, False
+
+    async def _tunnel(self, sock: socket.socket, request: bytes) -> None:
+        """CONNECT through the forward proxy on `sock`; closes it unless the proxy answered 2xx."""
+        head = b""
+        try:
+            await self.loop.sock_sendall(sock, request)
+            while b"\r\n\r\n" not in head and len(head) < _TUNNEL_HEAD:
+                if not (chunk := await self.loop.sock_recv(sock, _TUNNEL_HEAD)):
+                    raise ConnectionResetError("the forward proxy closed the connection during CONNECT")
+                head += chunk
+            if why := tunnel_refusal(head):
+                raise UpstreamUnreachable(self._hostport, why, ConnectionRefusedError(why))
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+                why = "the forward proxy closed the connection during CONNECT"
+                raise UpstreamUnreachable(self._hostport, why, exc) from exc
+            raise
 
     def put(self, conn: Connection) -> None:
         """The exchange on `conn` is complete: back to the pool, or closed if it cannot be reused."""
@@ -208,7 +257,11 @@ switch_to_idle_timeout = Response.set_read_timeout  # (resp, idle): after the he
 
 def create_client(config: ProxyConfig) -> Pool:
     """Inside the running loop (the app's cleanup_ctx): the pool binds to it."""
-    return Pool(config.upstream.url, max_connections=config.upstream.max_connections)
+    up, context = config.upstream, None
+    if up.ca_file is not None and URL(up.url).scheme == "https":
+        context = ssl.create_default_context(cafile=up.ca_file)  # instead of the system store, as curl --cacert
+        context.set_alpn_protocols(["http/1.1"])
+    return Pool(up.url, max_connections=up.max_connections, ssl_context=context, proxy=forward_proxy(up))
 
 
 def send(client: UpstreamClient, method: str, url: URL, headers: Headers, body: RequestBody,
