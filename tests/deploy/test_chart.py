@@ -103,7 +103,7 @@ def test_helm_lint_example_app(helm: str, example_chart: Path) -> None:
 
 def test_gateway_renders_deployment_service_configmap(render: Render) -> None:
     r = render()
-    assert sorted(r.kinds()) == ["ConfigMap", "Deployment", "Service"]
+    assert sorted(r.kinds()) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]  # PDB: 2 replicas
     deploy = r.one("Deployment")
     spec = r.pod_spec()
     where, c = proxy_container(spec)
@@ -147,7 +147,7 @@ def test_gateway_refuses_a_loopback_listener(render_error: Any) -> None:
 def test_termination_grace_is_above_the_drain(render: Render) -> None:
     spec = render().pod_spec()
     _, c = proxy_container(spec)
-    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]  # Kubernetes 1.30: the native sleep action
     assert spec["terminationGracePeriodSeconds"] > pre_stop + grace_seconds({})  # 45 > 5 + 30
     spec = render(CHART, {"config": {"shutdown_grace": "2m"}}).pod_spec()
     assert spec["terminationGracePeriodSeconds"] == 5 + 120 + 10
@@ -280,7 +280,9 @@ def test_sidecar_native_or_classic(render: Render, example_chart: Path, native: 
         # the classic fallback: next to the app, a preStop pause keeps it serving while the app drains
         assert "restartPolicy" not in proxy and "initContainers" not in spec
         assert [c["name"] for c in spec["containers"]] == ["app", PROXY]
-        assert proxy["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+        # (Kubernetes' own sleep action from 1.30; `sleep` in the image below)
+        expected_pre_stop = {"sleep": {"seconds": 5}} if kube >= "1.30" else {"exec": {"command": ["sleep", "5"]}}
+        assert proxy["lifecycle"]["preStop"] == expected_pre_stop
     assert_probes_on_admin_port(proxy)
     assert_locked_down(proxy)
 

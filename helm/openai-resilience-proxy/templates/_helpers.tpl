@@ -97,6 +97,28 @@ prometheus.io/port: {{ .Values.ports.admin | int | quote }}
 prometheus.io/path: /metrics
 {{- end -}}
 
+{{/* Whether the preStop pause is Kubernetes' own sleep action (1.30+, no binary needed): "true" or "". */}}
+{{- define "openai-resilience-proxy.preStopSleepAction" -}}
+{{- $a := .Values.preStopAction -}}
+{{- if or (eq $a "sleep") (and (eq $a "auto") (semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Scrape hints on the pods, unless a ServiceMonitor or PodMonitor scrapes them: "true" or "". */}}
+{{- define "openai-resilience-proxy.scrapeAnnotationsOn" -}}
+{{- if and .Values.metrics.scrapeAnnotations (not .Values.serviceMonitor.enabled) (not .Values.podMonitor.enabled) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The fewest replicas the gateway runs: the autoscaler's minimum, or replicaCount. */}}
+{{- define "openai-resilience-proxy.minReplicas" -}}
+{{- ternary .Values.autoscaling.minReplicas .Values.replicaCount .Values.autoscaling.enabled | int -}}
+{{- end -}}
+
+{{/* A name unique to this release and namespace, at most 40 characters (a Grafana uid). */}}
+{{- define "openai-resilience-proxy.releaseUID" -}}
+{{- $full := include "openai-resilience-proxy.fullname" . -}}
+{{- printf "%s-%s" ($full | trunc 27 | trimSuffix "-") (printf "%s/%s" .Release.Namespace $full | sha256sum | trunc 12) -}}
+{{- end -}}
+
 {{/* Whether the proxy runs as a native sidecar: "true" or "". */}}
 {{- define "openai-resilience-proxy.nativeSidecar" -}}
 {{- $n := .Values.sidecar.native -}}
@@ -156,8 +178,13 @@ context) and "native" ("true" renders restartPolicy: Always and no preStop pause
   {{- if and (not .native) (gt (int $v.preStopSleepSeconds) 0) }}
   lifecycle:
     preStop:
+      {{- if include "openai-resilience-proxy.preStopSleepAction" $ }}
+      sleep:
+        seconds: {{ $v.preStopSleepSeconds | int }}
+      {{- else }}
       exec:
         command: ["sleep", {{ $v.preStopSleepSeconds | int | toString | quote }}]
+      {{- end }}
   {{- end }}
   {{- with $v.resources }}
   resources:

@@ -70,7 +70,7 @@ Exactly one of the two renders something.
 {{- if and (hasKey . "Subcharts") (hasKey .Subcharts "openai-resilience-proxy") -}}{{- $p = index .Subcharts "openai-resilience-proxy" -}}{{- end -}}
 {{- include "openai-resilience-proxy.sidecar.check" $p -}}
 checksum/openai-resilience-proxy-config: {{ include "openai-resilience-proxy.configChecksum" $p }}
-{{- if $p.Values.metrics.scrapeAnnotations }}
+{{- if include "openai-resilience-proxy.scrapeAnnotationsOn" $p }}
 {{ include "openai-resilience-proxy.scrapeAnnotations" $p }}
 {{- end -}}
 {{- end -}}
