@@ -26,14 +26,13 @@ from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
 from .masking import mask
 from .policy import RoutePolicy, compile_routes
-from .relay import Delivery, deliver, send_error
+from .relay import REQUEST_ID_HEADER, Delivery, deliver, send_error
 from .routes import normalize_path
 from .upstream import UpstreamClient, UrlCache
 
 
 _REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 _CACHED_TARGETS = 4096  # distinct (method, target) pairs remembered; ids in paths would grow it without bound
-REQUEST_ID_HEADER = "x-proxy-request-id"
 _CLIENT_ID_HEADERS = ("x-request-id", "x-client-request-id")
 # UUIDs, OpenAI-style req_... and most tracing ids fit; nothing that could split a header or a log line
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")

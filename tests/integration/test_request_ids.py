@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.testing import MockUpstream, Reset, WaitGate, error
+from proxy.testing import MockUpstream, Reset, Respond, WaitGate, error
 from tests.conftest import TEST_KEY
 from tests.reliability.rawhttp import exchange
 
@@ -174,3 +174,11 @@ async def test_circuit_open_refusal_quotes_the_id(start_proxy, mock: MockUpstrea
     assert info.value.response.headers["x-proxy-error"] == "circuit_open"
     assert info.value.response.headers["x-proxy-request-id"] == "after-open"
     assert info.value.message.endswith("(request id after-open)")
+
+
+async def test_an_upstream_proxys_id_is_replaced_not_doubled(proxy, mock: MockUpstream):
+    """Two proxies in a chain (a sidecar in front of a gateway): the client gets the nearer one's id only."""
+    mock.script(PATH, Respond(200, {"object": "chat.completion", "choices": []}, {"x-proxy-request-id": "far"}))
+    reply = await exchange(proxy.url, b"GET " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nX-Request-Id: near\r\n"
+                           b"Connection: close\r\n\r\n")
+    assert reply.status == 200 and b"far" not in reply.raw and reply.headers["x-proxy-request-id"] == "near"
