@@ -69,6 +69,7 @@ class Exchange(NamedTuple):
     body: RequestBody
     start: float  # monotonic
     deadline: float  # monotonic: no retry waits past it (timeouts.total, or the client's own timeout)
+    request_id: str | None = None  # carried into RetryScheduled, so a retry line names its request
 
 
 async def _prefetch(up: UpstreamResponse, method: str) -> tuple[bytes | None, bool]:
@@ -129,7 +130,7 @@ async def run(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Em
             if outcome.complete and up is not None:
                 up.release()  # read whole: keep the bytes, not the connection, across the wait
             emit(RetryScheduled(route.name, attempt, category, up.status if up is not None else None,
-                                decision.delay, decision.reason, decision.source))
+                                decision.delay, decision.reason, decision.source, ex.request_id))
             await sleep(decision.delay)
     except BaseException:
         if outcome is not None:

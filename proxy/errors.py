@@ -37,6 +37,11 @@ class ProxyError:
         headers, body = self.parts(extra)
         return web.Response(status=self.status, body=body, headers=headers)
 
+    def quoting(self, request_id: str) -> ProxyError:
+        """The same error naming the request it answers: the id a developer pastes into a log search
+        or a support ticket (the x-proxy-request-id header carries it too, but messages get copied alone)."""
+        return ProxyError(self.status, self.code, f"{self.message} (request id {request_id})", self.headers)
+
 
 INCOMPLETE_BODY = ProxyError(400, "incomplete_request_body",
                              "The request body ended before the length its Content-Length header announced.")

@@ -41,6 +41,7 @@ class RetryScheduled(NamedTuple):
     delay_s: float
     reason: str  # "backoff" or "retry_after"
     source: str  # "backoff", or the header the delay came from
+    request_id: str | None = None  # the client request's id (x-proxy-request-id)
 
 
 class RequestFinished(NamedTuple):
@@ -62,6 +63,7 @@ class RequestFinished(NamedTuple):
     upstream_request_id: str | None
     client_sdk: str | None  # from x-stainless-lang / x-stainless-package-version
     client_request_id: str | None  # x-client-request-id
+    request_id: str | None = None  # sent back as x-proxy-request-id: the client's, or generated; never key-shaped
 
 
 class BreakerState(enum.IntEnum):

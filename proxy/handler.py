@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from aiohttp import web
@@ -23,14 +24,31 @@ from .errors import (BAD_PATH, BAD_TARGET, BAD_VERSION, BODY_TIMEOUT, INCOMPLETE
                      body_too_slow, circuit_open, upstream_failure)
 from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
+from .masking import mask
 from .policy import RoutePolicy, compile_routes
-from .relay import Delivery, deliver, send_error
+from .relay import REQUEST_ID_HEADER, Delivery, deliver, send_error
 from .routes import normalize_path
 from .upstream import UpstreamClient, UrlCache
 
 
 _REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 _CACHED_TARGETS = 4096  # distinct (method, target) pairs remembered; ids in paths would grow it without bound
+_CLIENT_ID_HEADERS = ("x-request-id", "x-client-request-id")
+# UUIDs, OpenAI-style req_... and most tracing ids fit; nothing that could split a header or a log line
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_random_bits = random.getrandbits
+
+
+def request_id(headers: Mapping[str, str]) -> str:
+    """The id that ties a request's log lines, response and error message together: the client's own
+    (x-request-id, else x-client-request-id) when it is safe to echo and log (short, plain characters,
+    not shaped like a key), so its logs and ours share it; else 128 random bits in hex, like nginx's
+    $request_id (a correlation id, not a secret; ~0.2 us)."""
+    for name in _CLIENT_ID_HEADERS:
+        sent = headers.get(name)
+        if sent and _SAFE_ID.fullmatch(sent) and mask(sent) == sent:
+            return sent
+    return _random_bits(128).to_bytes(16, "big").hex()
 
 
 class Target(NamedTuple):
@@ -76,11 +94,12 @@ class Forwarder:
         return found
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        rid = request_id(request.headers)
         if request.version.major != 1:  # HTTP/0.9 (a versionless request line): no headers, no framing
-            return BAD_VERSION.response()
+            return BAD_VERSION.quoting(rid).response({REQUEST_ID_HEADER: rid})
         target = self.target(request.method, request.raw_path)
         if isinstance(target, ProxyError):
-            refusal = target.response()
+            refusal = target.quoting(rid).response({REQUEST_ID_HEADER: rid})
             if target is METHOD_REFUSED:
                 refusal.force_close()  # after CONNECT come tunnel bytes, not HTTP
             return refusal
@@ -97,14 +116,15 @@ class Forwarder:
                 try:
                     body = await read_body(request, route.replay_limit, route.idle, route.total)
                 except BodyError as exc:
-                    return await send_error(request, delivery, _body_error(exc, route), Category.CLIENT)
+                    return await send_error(request, delivery, _body_error(exc, route).quoting(rid), Category.CLIENT,
+                                            {REQUEST_ID_HEADER: rid})
                 ex = attempt.Exchange(request.method, target.path, target.url, request_headers(request.headers),
-                                      body, start, attempt.client_deadline(request.headers, start, route.total))
+                                      body, start, attempt.client_deadline(request.headers, start, route.total), rid)
                 assert self.client is not None
                 # the probe is taken in there, after the body is read: a stalled upload never holds it
                 outcome = await attempt.run(self.client, route, ex, self._emit,
                                             clock=self._clock, rng=self._rng, sleep=self._sleep)
-            extra = _coordination_headers(outcome, route)
+            extra = _coordination_headers(outcome, route, rid)
             ttfb = self._clock() - start
             category = outcome.verdict.category
             if outcome.response is not None:
@@ -114,20 +134,21 @@ class Forwarder:
             if category is Category.CIRCUIT_OPEN:
                 err = circuit_open(route.breaker.name, outcome.retry_after, extra)
             elif body is not None and isinstance(body.data, Upload) and body.data.error:  # the client's upload broke
-                return await send_error(request, delivery, _body_error(body.data.error, route), Category.CLIENT, extra)
+                return await send_error(request, delivery, _body_error(body.data.error, route).quoting(rid),
+                                        Category.CLIENT, extra)
             else:
                 assert outcome.error is not None
                 err = upstream_failure(category, outcome.error, host=self._host, first_byte=route.first_byte,
                                        total=route.total, attempts=outcome.attempts, elapsed=self._clock() - start,
                                        stop=outcome.stop, headers=extra)
-            return await send_error(request, delivery, err, category)
+            return await send_error(request, delivery, err.quoting(rid), category)
         finally:
             if outcome is not None and delivery.status is not None:
                 attempt.stream_ended(route, outcome, delivery.category, delivery.aborted, delivery.complete)
-            self._finished(request, route, target.path, start, ttfb, body, outcome, delivery)
+            self._finished(request, rid, route, target.path, start, ttfb, body, outcome, delivery)
 
-    def _finished(self, request: web.BaseRequest, route: RoutePolicy, path: str, start: float, ttfb: float | None,
-                  body: RequestBody | None, outcome: attempt.Outcome | None, d: Delivery) -> None:
+    def _finished(self, request: web.BaseRequest, rid: str, route: RoutePolicy, path: str, start: float,
+                  ttfb: float | None, body: RequestBody | None, outcome: attempt.Outcome | None, d: Delivery) -> None:
         h = request.headers
         lang = h.get("x-stainless-lang")
         sdk = f"{lang}/{h.get('x-stainless-package-version', '?')}" if lang else None
@@ -137,6 +158,7 @@ class Forwarder:
             aborted=d.aborted or d.client_gone or not d.complete, duration_s=self._clock() - start, ttfb_s=ttfb,
             bytes_in=body.size if body else None, bytes_out=d.bytes_out, replayable=body.replayable if body else True,
             upstream_request_id=d.upstream_request_id, client_sdk=sdk, client_request_id=h.get("x-client-request-id"),
+            request_id=rid,
         ))
 
 
@@ -146,11 +168,11 @@ def _body_error(exc: BodyError, route: RoutePolicy) -> ProxyError:
     return BODY_TIMEOUT if exc.why == "idle" else INCOMPLETE_BODY
 
 
-def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy) -> dict[str, str]:
+def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy, rid: str) -> dict[str, str]:
     """Tell the SDK what the proxy did, so retries do not multiply (design.md, client contract): after
     a failure the proxy's policy has run, unless the route has max_attempts 1. An open breaker ends the
     SDK's retries on every route (an SDK that obeyed its `retry-after` would sleep inside one call)."""
-    extra = {"x-proxy-attempts": str(outcome.attempts)}
+    extra = {"x-proxy-attempts": str(outcome.attempts), REQUEST_ID_HEADER: rid}
     category = outcome.verdict.category
     if category is Category.CIRCUIT_OPEN or (category is not Category.OK and route.retry.retries_enabled):
         extra["x-should-retry"] = "false"

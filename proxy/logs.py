@@ -236,7 +236,9 @@ class LogObserver:
             if not self._info:
                 return
             line = {
-                "event": "request", "route": e.route, "method": e.method, "path": mask(e.path),
+                # request_id: plain characters, never key-shaped (handler.request_id): nothing to mask
+                "event": "request", "request_id": e.request_id, "route": e.route, "method": e.method,
+                "path": mask(e.path),
                 "status": e.status, "category": e.category.value, "attempts": e.attempts,
                 "stop_reason": e.stop_reason, "aborted": e.aborted, "duration_ms": round(e.duration_s * 1000, 2),
                 "ttfb_ms": round(e.ttfb_s * 1000, 2) if e.ttfb_s is not None else None,
@@ -249,9 +251,9 @@ class LogObserver:
             else:  # structlog's chain sets level and timestamp again, and masking twice changes nothing
                 self._log.info(**line)
         elif isinstance(e, RetryScheduled):
-            self._log.info("retry", route=e.route, attempt=e.attempt, category=e.category.value,
-                           upstream_status=e.status, delay_ms=round(e.delay_s * 1000, 1), reason=e.reason,
-                           delay_source=e.source)
+            self._log.info("retry", request_id=e.request_id, route=e.route, attempt=e.attempt,
+                           category=e.category.value, upstream_status=e.status,
+                           delay_ms=round(e.delay_s * 1000, 1), reason=e.reason, delay_source=e.source)
         elif isinstance(e, BreakerChange):
             self._log.warning("breaker", breaker=e.breaker, routes=list(e.routes), old=e.old.name.lower(),
                               new=e.new.name.lower())

@@ -21,6 +21,7 @@ from .headers import Headers, is_event_stream, readable_stream, response_headers
 from .sse import StreamEnd, StreamWatcher, end_markers
 from .upstream import UpstreamResponse, switch_to_idle_timeout
 
+REQUEST_ID_HEADER = "x-proxy-request-id"  # the proxy's id of the client request (handler.request_id)
 _SMALL_WRITE = 16 * 1024  # below this, head + body are joined into one buffer; above, written as two
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -141,8 +142,8 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
     d.category = category
     try:
         headers = response_headers(up.headers)
-        if "x-should-retry" in extra:
-            headers = [h for h in headers if h[0].lower() != "x-should-retry"]
+        if "x-should-retry" in extra or REQUEST_ID_HEADER in up.headers:  # another proxy's id, in a chain
+            headers = [h for h in headers if h[0].lower() not in extra]
         headers.extend(extra.items())
         if complete and prefetched is not None and not _bodiless(request.method, up.status):
             return await send_complete(request, d, up.status, up.reason or "", headers, prefetched,

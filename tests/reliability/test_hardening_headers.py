@@ -142,6 +142,8 @@ async def test_response_header_bytes_reach_the_client_unchanged(start_proxy, raw
     version = request.split(b"\r\n", 1)[0][-3:]  # the client's: 1.1 or 1.0
     assert head.startswith(b"HTTP/" + version + b" 200 Caf\xe9 \xff OK\r\n"), head[:60]
     got = [line for line in lines(head) if not line.startswith(b"Date: ")]
+    assert [line for line in got if line.startswith(b"x-proxy-request-id: ")] == got[3:4]  # one, random (issue 17)
+    del got[3]
     assert got == [b"X-Up: " + OBS, b"Content-Type: text/plain", b"x-proxy-attempts: 1", *framing], case
 
 
