@@ -9,7 +9,9 @@
 # (`apt-get install -y nginx wrk`) and a Python with the project installed (PY, default
 # /tmp/venv/bin/python, else .venv/bin/python).
 #
-# Starts, all on 127.0.0.1, each in its own process group (setsid), all stopped by PGID on exit:
+# Starts, all on 127.0.0.1, each in its own process group (setsid), all stopped by PGID on exit. The
+# ports below name the targets in this comment only: each is a free port the OS hands out, unless
+# set in the environment (P_UP P_SSE P_REF P_OURS P_REF_SSE P_OURS_SSE P_OURS_B):
 #   upstream  :18000  nginx fake OpenAI upstream (bench/nginx/upstream.conf): 636-byte chat.completion
 #                     for any POST, a 30-event 8078-byte SSE file (with Content-Length) for POST /sse/...
 #   sse_up    :18002  bench/slow_sse_upstream.py: chunked SSE, one event every 20 ms (first at once)
@@ -67,8 +69,13 @@ STARTUP_S=${STARTUP_S:-15}; REV=${REV:-}
 RUN=$(mktemp -d /tmp/orp_bench.XXXXXX)
 RES=$RUN/results.jsonl
 : >"$RES"
-P_UP=${P_UP:-18000}; P_SSE=${P_SSE:-18002}; P_REF=${P_REF:-18090}; P_OURS=${P_OURS:-18091}
-P_REF_SSE=${P_REF_SSE:-18092}; P_OURS_SSE=${P_OURS_SSE:-18093}; P_OURS_B=${P_OURS_B:-18094}
+# every port the OS hands out (held together while chosen, so they differ), unless set in the environment
+read -r F1 F2 F3 F4 F5 F6 F7 < <("$PY" -c 'import socket
+ss = [socket.socket() for _ in range(7)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in ss))')
+P_UP=${P_UP:-$F1}; P_SSE=${P_SSE:-$F2}; P_REF=${P_REF:-$F3}; P_OURS=${P_OURS:-$F4}
+P_REF_SSE=${P_REF_SSE:-$F5}; P_OURS_SSE=${P_OURS_SSE:-$F6}; P_OURS_B=${P_OURS_B:-$F7}
 mkdir -p "$RUN/nginx/www" && cp nginx/sse_body.txt "$RUN/nginx/www/"
 chmod a+rx "$RUN" "$RUN/nginx" "$RUN/nginx/www"  # nginx's workers drop root: they must reach the body file
 # upstream.conf with this run's port and runtime directory
