@@ -10,7 +10,7 @@
 # Knobs: DUR (15 s sampled/traced) CONC (10) RATE (250 Hz, py-spy) REV (commit to profile, as in
 # compare.sh) US_PER_REQ (CPU us/request measured by compare.sh: buckets in us) PY. Output: /tmp/orp_profile.XXXXXX/ (pyspy.raw or cprofile.out)
 # and the top functions on stdout. Bounded: every step has a timeout; everything started is
-# stopped by process group on exit. Same ports as compare.sh: do not run both at once.
+# stopped by process group on exit. Every port is one the OS hands out.
 set -u
 cd "$(dirname "$0")"
 BENCH=$PWD
@@ -22,7 +22,13 @@ DUR=${DUR:-15}; CONC=${CONC:-10}; RATE=${RATE:-250}; PROFILER=${PROFILER:-pyspy}
 PROFILE_TARGET=${PROFILE_TARGET:-ours}; REV=${REV:-}
 PYSPY=${PYSPY:-$(dirname "$PY")/py-spy}
 RUN=$(mktemp -d /tmp/orp_profile.XXXXXX)
-mkdir -p /tmp/bench_run/www && cp nginx/sse_body.txt /tmp/bench_run/www/
+mkdir -p "$RUN/nginx/www" && cp nginx/sse_body.txt "$RUN/nginx/www/"
+chmod a+rx "$RUN" "$RUN/nginx" "$RUN/nginx/www"  # nginx's workers drop root: they must reach the body file
+read -r P_UP PORT_T < <("$PY" -c 'import socket
+ss = [socket.socket() for _ in range(2)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in ss))')
+sed -e "s/127.0.0.1:18000/127.0.0.1:$P_UP/" -e "s#/tmp/bench_run#$RUN/nginx#g" nginx/upstream.conf >"$RUN/nginx/upstream.conf"
 if [ "$PROFILER" = pyspy ] && ! [ -x "$PYSPY" ]; then echo "no py-spy at $PYSPY: $PY -m pip install py-spy" >&2; exit 1; fi
 
 # shellcheck source=lib.sh
@@ -30,18 +36,16 @@ if [ "$PROFILER" = pyspy ] && ! [ -x "$PYSPY" ]; then echo "no py-spy at $PYSPY:
 trap stop_groups EXIT
 trap 'exit 1' INT TERM HUP
 
-start upstream 18000 nginx -e "$RUN/nginx_up.err" -c "$BENCH/nginx/upstream.conf" -g 'daemon off;'
+start upstream "$P_UP" nginx -e "$RUN/nginx_up.err" -c "$RUN/nginx/upstream.conf" -g 'daemon off;'
 archive_rev
 printf 'admin:\n  host: 127.0.0.1\n' >"$RUN/proxy.yaml"
 if [ "$PROFILE_TARGET" = ref ]; then
-  PORT_T=18090
-  start ref 18090 env PORT=18090 UPSTREAM=http://127.0.0.1:18000 "$PY" "$BENCH/ref_proxy.py"
+  start ref "$PORT_T" env PORT="$PORT_T" UPSTREAM="http://127.0.0.1:$P_UP" "$PY" "$BENCH/ref_proxy.py"
 else
-  PORT_T=18091
   CPROF=()
   [ "$PROFILER" = cprofile ] && CPROF=(env BENCH_CPROFILE="$RUN/cprofile.out")
-  start ours 18091 "${CPROF[@]}" "${SRC_ENV[@]}" "$PY" "$BENCH/run_proxy.py" --config "$RUN/proxy.yaml" \
-    --upstream http://127.0.0.1:18000 --port 18091 --admin-port 19091
+  start ours "$PORT_T" "${CPROF[@]}" "${SRC_ENV[@]}" "$PY" "$BENCH/run_proxy.py" --config "$RUN/proxy.yaml" \
+    --upstream "http://127.0.0.1:$P_UP" --port "$PORT_T" --admin-port 0
 fi
 TPID=${PGID[ours]:-${PGID[ref]}}  # the one started above
 echo "profiling $PROFILE_TARGET (pid $TPID) with $PROFILER, ${DUR}s at c=$CONC; proxy code: ${REV:-work tree}" >&2
