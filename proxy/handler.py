@@ -28,7 +28,7 @@ from .masking import mask
 from .policy import RoutePolicy, compile_routes
 from .relay import REQUEST_ID_HEADER, Delivery, deliver, send_error
 from .routes import normalize_path
-from .upstream import UpstreamClient, UrlCache
+from .upstream import UpstreamClient
 
 
 _REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
@@ -62,14 +62,14 @@ class Target(NamedTuple):
 class Forwarder:
     """Bound to one upstream client and one compiled config; holds no per-request state."""
 
-    __slots__ = ("client", "_routes", "_url", "_host", "_emit", "_clock", "_rng", "_sleep", "_targets")
+    __slots__ = ("client", "_routes", "_base", "_host", "_emit", "_clock", "_rng", "_sleep", "_targets")
 
     def __init__(self, config: ProxyConfig, emit: Emitter | None = None, *, clock: Callable[[], float] = time.monotonic,
                  rng: Random = random.random, sleep: attempt.Sleep = asyncio.sleep) -> None:
         self.client: UpstreamClient | None = None  # set by the app's cleanup_ctx
         self._emit = emit or Emitter()
         self._routes = compile_routes(config, clock, self._emit)
-        self._url = UrlCache(config.upstream.url)
+        self._base = config.upstream.url.rstrip("/")
         self._host = URL(config.upstream.url).host or config.upstream.url
         self._clock, self._rng, self._sleep = clock, rng, sleep
         self._targets: dict[tuple[str, str], Target] = {}
@@ -88,7 +88,8 @@ class Forwarder:
         normal = normalize_path(path)
         if normal is None:
             return BAD_PATH
-        found = Target(self._routes.match(method, normal).policy, normal, self._url(normal + sep + query))
+        url = URL(self._base + normal + sep + query, encoded=True)
+        found = Target(self._routes.match(method, normal).policy, normal, url)
         if len(self._targets) < _CACHED_TARGETS:
             self._targets[(method, raw)] = found
         return found

@@ -276,19 +276,3 @@ def send(client: UpstreamClient, method: str, url: URL, headers: Headers, body: 
     elif body.streamed and body.size is not None:
         headers = [*headers, ("Content-Length", str(body.size))]  # a known length stays known: no chunking
     return client.request(method, url, headers, data, timeout)
-
-
-class UrlCache(dict[str, URL]):
-    """upstream base + raw path -> URL, parsed once per distinct path (OpenAI paths repeat)."""
-
-    def __init__(self, base: str) -> None:
-        super().__init__()
-        self._base = base.rstrip("/")
-
-    def __missing__(self, raw_path: str) -> URL:
-        url = URL(self._base + raw_path, encoded=True)
-        if len(self) < 4096:  # ids and query strings would grow it without bound
-            self[raw_path] = url
-        return url
-
-    __call__ = dict.__getitem__  # cache(raw_path): a C lookup; __missing__ parses
