@@ -150,7 +150,7 @@ async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emi
     up: UpstreamResponse | None = None
     try:
         up = await send(client, ex.method, ex.url, ex.headers, ex.body, timeout)
-        why = unrelayable(up.status, up.reason, up.headers)
+        why = unrelayable(up.reason, up.headers)
         if why is not None:
             raise UnrelayableResponse(why)
         prefetched, complete = await _prefetch(up, ex.method)

@@ -79,11 +79,9 @@ def readable_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
     return is_event_stream(headers) and headers.get("Content-Encoding", "identity") == "identity"
 
 
-def unrelayable(status: int, reason: str | None, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | None:
-    """Why an upstream response cannot be passed on as HTTP/1.1, or None. A phrase for the error
-    message, never the offending bytes (they may be anything, a key included)."""
-    if not 100 <= status <= 599:
-        return "its status is outside 100-599"
+def unrelayable(reason: str | None, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | None:
+    """Why an upstream response cannot be passed on as HTTP/1.1, or None (the client has already
+    refused a status outside 100-599). A phrase for the error message, never the offending bytes."""
     if _CONTROL.search("".join(headers.values())) or _CONTROL.search("".join(headers.keys())):
         return "a header holds a control character"
     if reason and _CONTROL.search(reason):
