@@ -16,6 +16,7 @@ from .config import ProxyConfig
 from .errors import ProxyError, too_many_connections
 from .events import Emitter, Observer
 from .handler import Forwarder
+from .headers import serialize_head
 from .logs import LogObserver
 from .exposition import StoreCollector
 from .metrics import MetricsObserver, MetricsStore, bucket_bounds
@@ -88,14 +89,15 @@ class _Refused(asyncio.Protocol):
 
     LINGER = 5.0
 
-    def __init__(self, answer: tuple[bytes, bytes]) -> None:
+    def __init__(self, answer: ProxyError) -> None:
         self._answer = answer
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is one, though not a subclass
-        head, body = self._answer
-        transport.write(b"".join((head, formatdate(usegmt=True).encode(), b"\r\n\r\n", body)))
+        headers, body = self._answer.parts()
+        headers += [("Content-Length", str(len(body))), ("Connection", "close"), ("Date", formatdate(usegmt=True))]
+        transport.write(serialize_head("HTTP/1.1 503 Service Unavailable", headers) + body)
         if transport.can_write_eof():
             transport.write_eof()  # the answer is whole: the client reads it and closes
         self._timer = asyncio.get_running_loop().call_later(self.LINGER, transport.close)
@@ -108,14 +110,6 @@ class _Refused(asyncio.Protocol):
             self._timer.cancel()
 
 
-def _refusal(limit: int) -> tuple[bytes, bytes]:
-    """The 503 past the connection cap as wire bytes: the head but for its Date line, and the body."""
-    headers, body = too_many_connections(limit).parts()
-    lines = ["HTTP/1.1 503 Service Unavailable", *(f"{n}: {v}" for n, v in headers),
-             f"Content-Length: {len(body)}", "Connection: close", "Date: "]
-    return "\r\n".join(lines).encode(), body
-
-
 class _Server(web.Server):
     """web.Server (a documented protocol factory) whose connections answer errors as above, and that
     holds at most `max_connections` client connections (None: no cap): one past it gets `_Refused`."""
@@ -126,12 +120,13 @@ class _Server(web.Server):
         self.options = options
         self.max_connections = max_connections
         self.open_connections = 0  # counted as each protocol is made: a burst of accepts cannot pass the cap
-        self._refusal = _refusal(max_connections) if max_connections is not None else (b"", b"")
+        self._refusal = too_many_connections(max_connections) if max_connections is not None else None
         self._warned = -math.inf
 
     def __call__(self) -> asyncio.Protocol:
         if self.max_connections is not None and self.open_connections >= self.max_connections:
             self._warn()
+            assert self._refusal is not None
             return _Refused(self._refusal)
         self.open_connections += 1
         return _RequestHandler(self, loop=asyncio.get_running_loop(), **self.options)
