@@ -69,11 +69,9 @@ STARTUP_S=${STARTUP_S:-15}; REV=${REV:-}
 RUN=$(mktemp -d /tmp/orp_bench.XXXXXX)
 RES=$RUN/results.jsonl
 : >"$RES"
-# every port the OS hands out (held together while chosen, so they differ), unless set in the environment
-read -r F1 F2 F3 F4 F5 F6 F7 < <("$PY" -c 'import socket
-ss = [socket.socket() for _ in range(7)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in ss))')
+# shellcheck source=lib.sh
+. "$BENCH/lib.sh"   # start, stop_groups, archive_rev, free_ports, PGID/PORT
+read -r F1 F2 F3 F4 F5 F6 F7 < <(free_ports 7)  # every port from the OS, unless set in the environment
 P_UP=${P_UP:-$F1}; P_SSE=${P_SSE:-$F2}; P_REF=${P_REF:-$F3}; P_OURS=${P_OURS:-$F4}
 P_REF_SSE=${P_REF_SSE:-$F5}; P_OURS_SSE=${P_OURS_SSE:-$F6}; P_OURS_B=${P_OURS_B:-$F7}
 mkdir -p "$RUN/nginx/www" && cp nginx/sse_body.txt "$RUN/nginx/www/"
@@ -86,8 +84,6 @@ for tool in nginx wrk taskset setsid curl timeout; do
 done
 "$PY" -c 'import proxy, aiohttp' 2>/dev/null || { echo "PY=$PY cannot import proxy and aiohttp" >&2; exit 1; }
 
-# shellcheck source=lib.sh
-. "$BENCH/lib.sh"   # start, stop_groups, archive_rev, PGID/PORT
 MONPID=
 cleanup() {
   [ -n "$MONPID" ] && kill -TERM "$MONPID" 2>/dev/null

@@ -6,6 +6,13 @@ declare -A PGID PORT
 
 port_open() { (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
 
+free_ports() {  # N -> N distinct ports the OS hands out on 127.0.0.1 (held together while chosen)
+  "$PY" -c 'import socket, sys
+ss = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in ss))' "$1"
+}
+
 start() {  # name port cmd...   (env for the command: set it in the caller's environment with env)
   local name=$1 port=$2; shift 2
   if port_open "$port"; then echo "port $port already in use: is another benchmark running?" >&2; exit 1; fi

@@ -24,15 +24,12 @@ PYSPY=${PYSPY:-$(dirname "$PY")/py-spy}
 RUN=$(mktemp -d /tmp/orp_profile.XXXXXX)
 mkdir -p "$RUN/nginx/www" && cp nginx/sse_body.txt "$RUN/nginx/www/"
 chmod a+rx "$RUN" "$RUN/nginx" "$RUN/nginx/www"  # nginx's workers drop root: they must reach the body file
-read -r P_UP PORT_T < <("$PY" -c 'import socket
-ss = [socket.socket() for _ in range(2)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in ss))')
+# shellcheck source=lib.sh
+. "$BENCH/lib.sh"   # start, stop_groups, archive_rev, free_ports, PGID
+read -r P_UP PORT_T < <(free_ports 2)
 sed -e "s/127.0.0.1:18000/127.0.0.1:$P_UP/" -e "s#/tmp/bench_run#$RUN/nginx#g" nginx/upstream.conf >"$RUN/nginx/upstream.conf"
 if [ "$PROFILER" = pyspy ] && ! [ -x "$PYSPY" ]; then echo "no py-spy at $PYSPY: $PY -m pip install py-spy" >&2; exit 1; fi
 
-# shellcheck source=lib.sh
-. "$BENCH/lib.sh"   # start, stop_groups, archive_rev, PGID
 trap stop_groups EXIT
 trap 'exit 1' INT TERM HUP
 
