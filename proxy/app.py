@@ -20,7 +20,6 @@ from .headers import serialize_head
 from .logs import LogObserver
 from .exposition import StoreCollector
 from .metrics import MetricsObserver, MetricsStore, bucket_bounds
-from .upstream import create_client
 
 # aiohttp server options for the traffic listener: a disconnecting client cancels its handler (and
 # so its upstream request); request bodies are never decompressed; no access log on the hot path.
@@ -163,7 +162,7 @@ class TrafficServer:
     def __init__(self, config: ProxyConfig, observers: Sequence[Observer] = (), *, shutdown_timeout: float = 60.0,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT, **forwarder_options: Any) -> None:
         self.config = config
-        self.forwarder = Forwarder(config, Emitter(observers, _observer_failed), **forwarder_options)
+        self.forwarder = Forwarder(Emitter(observers, _observer_failed), **forwarder_options)
         self.app = web.Application()
         self.app.cleanup_ctx.append(self._client_ctx)
         self.runner = server_runner(self.forwarder.handle, shutdown_timeout=shutdown_timeout,
@@ -171,10 +170,9 @@ class TrafficServer:
                                     max_connections=config.listen.max_connections, **SERVER_OPTIONS)
 
     async def _client_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        client = create_client(self.config)
-        self.forwarder.client = client
+        self.forwarder.start(self.config)
         yield
-        await client.close()
+        await self.forwarder.close()
 
     async def setup(self) -> None:
         self.app.freeze()

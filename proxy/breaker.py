@@ -60,13 +60,14 @@ class _ClockStorage(pybreaker.CircuitMemoryStorage):
 class Breaker(pybreaker.CircuitBreakerListener):
     """One route's (or one group's) breaker; it listens to its own pybreaker for state changes."""
 
-    __slots__ = ("name", "routes", "_cb", "_storage", "_count", "_probing", "_notify")
+    __slots__ = ("name", "routes", "settings", "_cb", "_storage", "_count", "_probing", "_notify")
 
     def __init__(self, name: str, routes: tuple[str, ...], *, failure_threshold: int, reset_timeout: float,
                  count: frozenset[Category], clock: Callable[[], float],
                  notify: Callable[[BreakerChange], None] = lambda change: None) -> None:
         self.name = name
         self.routes = routes
+        self.settings = (failure_threshold, reset_timeout, count)  # a reload keeps the breaker while these stay
         self._count = count
         self._probing = False
         self._notify = notify

@@ -13,11 +13,12 @@ _SLOTS = 10
 
 
 class RetryBudget:
-    __slots__ = ("_ratio", "_reserve", "_slot_len", "_clock", "_requests", "_retries", "_cur", "_slot_start")
+    __slots__ = ("settings", "_ratio", "_reserve", "_slot_len", "_clock", "_requests", "_retries", "_cur", "_slot_start")
 
     def __init__(self, ratio: float, min_per_second: float, window: float, clock: Callable[[], float]) -> None:
         if ratio < 0 or min_per_second < 0 or window <= 0:
             raise ValueError("ratio and min_per_second must be >= 0 and window > 0")
+        self.settings = (ratio, min_per_second, window)  # a reload keeps the budget while these stay
         self._ratio = ratio
         self._reserve = min_per_second * window
         self._slot_len = window / _SLOTS

@@ -9,30 +9,26 @@ import asyncio
 import random
 import re
 import time
+import weakref
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 from aiohttp import web
-from yarl import URL
 
 from . import attempt
 from .backoff import Random
 from .body import BodyError, RequestBody, Upload, read_body
 from .classify import Category
 from .config import ProxyConfig
-from .errors import (BAD_PATH, BAD_TARGET, BAD_VERSION, BODY_TIMEOUT, INCOMPLETE_BODY, METHOD_REFUSED, ProxyError,
-                     body_too_slow, circuit_open, upstream_failure)
+from .errors import (BAD_VERSION, BODY_TIMEOUT, INCOMPLETE_BODY, METHOD_REFUSED, ProxyError, body_too_slow,
+                     circuit_open, upstream_failure)
 from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
 from .masking import mask
-from .policy import RoutePolicy, compile_routes
+from .policy import RoutePolicy
 from .relay import REQUEST_ID_HEADER, Delivery, deliver, send_error
-from .routes import normalize_path
+from .runtime import Runtime
 from .upstream import UpstreamClient
 
-
-_REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
-_CACHED_TARGETS = 4096  # distinct (method, target) pairs remembered; ids in paths would grow it without bound
 _CLIENT_ID_HEADERS = ("x-request-id", "x-client-request-id")
 # UUIDs, OpenAI-style req_... and most tracing ids fit; nothing that could split a header or a log line
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -51,54 +47,44 @@ def request_id(headers: Mapping[str, str]) -> str:
     return _random_bits(128).to_bytes(16, "big").hex()
 
 
-class Target(NamedTuple):
-    """Where one request goes: its route and its path in the one form that is matched, logged and sent."""
-
-    route: RoutePolicy
-    path: str  # normalized, without the query
-    url: URL  # the upstream base URL + that path + the query as sent
-
-
 class Forwarder:
-    """Bound to one upstream client and one compiled config; holds no per-request state."""
+    """Forwards with the current Runtime (one config, compiled); holds no per-request state."""
 
-    __slots__ = ("client", "_routes", "_base", "_host", "_emit", "_clock", "_rng", "_sleep", "_targets")
+    __slots__ = ("runtime", "_emit", "_clock", "_rng", "_sleep", "_retired")
 
-    def __init__(self, config: ProxyConfig, emit: Emitter | None = None, *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, emit: Emitter | None = None, *, clock: Callable[[], float] = time.monotonic,
                  rng: Random = random.random, sleep: attempt.Sleep = asyncio.sleep) -> None:
-        self.client: UpstreamClient | None = None  # set by the app's cleanup_ctx
+        self.runtime: Runtime | None = None  # set by start(), inside the running loop
         self._emit = emit or Emitter()
-        self._routes = compile_routes(config, clock, self._emit)
-        self._base = config.upstream.url.rstrip("/")
-        self._host = URL(config.upstream.url).host or config.upstream.url
         self._clock, self._rng, self._sleep = clock, rng, sleep
-        self._targets: dict[tuple[str, str], Target] = {}
+        self._retired: weakref.WeakSet[UpstreamClient] = weakref.WeakSet()  # replaced pools still in use
 
-    def target(self, method: str, raw: str) -> Target | ProxyError:
-        """Route and upstream URL of a request line, or the error that refuses it; one dict lookup for a
-        request line seen before (OpenAI paths repeat)."""
-        hit = self._targets.get((method, raw))
-        if hit is not None:
-            return hit
-        if method in _REFUSED_METHODS:  # RFC 9110 9.3.6, 9.3.8: no tunnel; TRACE would echo the key back
-            return METHOD_REFUSED
-        if not raw.startswith("/"):  # absolute-form, authority-form or "*"
-            return BAD_TARGET  # never glued onto the upstream URL
-        path, sep, query = raw.partition("?")
-        normal = normalize_path(path)
-        if normal is None:
-            return BAD_PATH
-        url = URL(self._base + normal + sep + query, encoded=True)
-        found = Target(self._routes.match(method, normal).policy, normal, url)
-        if len(self._targets) < _CACHED_TARGETS:
-            self._targets[(method, raw)] = found
-        return found
+    def start(self, config: ProxyConfig) -> None:
+        self.runtime = Runtime.build(config, self._clock, self._emit)
+
+    def reload(self, config: ProxyConfig) -> None:
+        """New requests use `config` from now on; requests in flight finish on the Runtime they took.
+        A pool the new Runtime does not keep stops pooling, and is gone with its last request."""
+        old = self.runtime
+        assert old is not None
+        self.runtime = new = Runtime.build(config, self._clock, self._emit, old)
+        for client in old.clients() - new.clients():
+            client.retire()
+            self._retired.add(client)
+
+    async def close(self) -> None:
+        """Every pool, current or retired: their open responses fail (shutdown's grace has passed)."""
+        clients = set(self._retired) | (self.runtime.clients() if self.runtime is not None else set())
+        for client in clients:
+            await client.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         rid = request_id(request.headers)
         if request.version.major != 1:  # HTTP/0.9 (a versionless request line): no headers, no framing
             return BAD_VERSION.quoting(rid).response({REQUEST_ID_HEADER: rid})
-        target = self.target(request.method, request.raw_path)
+        runtime = self.runtime
+        assert runtime is not None
+        target = runtime.target(request.method, request.raw_path)
         if isinstance(target, ProxyError):
             refusal = target.quoting(rid).response({REQUEST_ID_HEADER: rid})
             if target is METHOD_REFUSED:
@@ -121,9 +107,8 @@ class Forwarder:
                                             {REQUEST_ID_HEADER: rid})
                 ex = attempt.Exchange(request.method, target.path, target.url, request_headers(request.headers),
                                       body, start, attempt.client_deadline(request.headers, start, route.total), rid)
-                assert self.client is not None
                 # the probe is taken in there, after the body is read: a stalled upload never holds it
-                outcome = await attempt.run(self.client, route, ex, self._emit,
+                outcome = await attempt.run(runtime.client, route, ex, self._emit,
                                             clock=self._clock, rng=self._rng, sleep=self._sleep)
             extra = _coordination_headers(outcome, route, rid)
             ttfb = self._clock() - start
@@ -139,7 +124,7 @@ class Forwarder:
                                         Category.CLIENT, extra)
             else:
                 assert outcome.error is not None
-                err = upstream_failure(category, outcome.error, host=self._host, first_byte=route.first_byte,
+                err = upstream_failure(category, outcome.error, host=runtime.host, first_byte=route.first_byte,
                                        total=route.total, attempts=outcome.attempts, elapsed=self._clock() - start,
                                        stop=outcome.stop, headers=extra)
             return await send_error(request, delivery, err.quoting(rid), category)

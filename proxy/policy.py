@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,19 +45,32 @@ class RoutePolicy:
 
 
 def compile_routes(config: ProxyConfig, clock: Callable[[], float],
-                   notify: Callable[[BreakerChange], None] = lambda change: None) -> RouteTable[RoutePolicy]:
-    """The config's route table with each policy compiled and given its own live state."""
+                   notify: Callable[[BreakerChange], None] = lambda change: None,
+                   previous: RouteTable[RoutePolicy] | None = None) -> RouteTable[RoutePolicy]:
+    """The config's route table with each policy compiled and given its live state. After a reload
+    (`previous`), a breaker whose name, routes and settings did not change is kept, open or not, and
+    so is the budget of a route whose name and budget settings did not: a reload must not reset an
+    outage's breaker nor hand a struggling route a fresh budget."""
     routes = [*config.routes.routes, config.routes.default]
+    kept = [*previous.routes, previous.default] if previous is not None else []
+    old_breakers = {r.policy.breaker.name: r.policy.breaker for r in kept}
+    old_budgets = {r.name: r.policy.budget for r in kept}
     groups: dict[str, list[Route[Policy]]] = {}  # breaker name -> its routes (config checks they agree)
     for r in routes:
         groups.setdefault(r.policy.breaker.group or r.name, []).append(r)
     breakers: dict[str, Breaker] = {}
     for key, members in groups.items():
         b = members[0].policy.breaker
-        breakers[key] = Breaker(key, tuple(r.name for r in members), failure_threshold=b.failure_threshold,
-                                reset_timeout=float(b.reset_timeout), count=frozenset(map(Category, b.count)),
-                                clock=clock, notify=notify)
-    compiled = [Route(r.name, r.methods, r.pattern,
-                      RoutePolicy.build(r.name, r.policy, clock, breakers[r.policy.breaker.group or r.name]))
-                for r in routes]
+        breaker = Breaker(key, tuple(r.name for r in members), failure_threshold=b.failure_threshold,
+                          reset_timeout=float(b.reset_timeout), count=frozenset(map(Category, b.count)),
+                          clock=clock, notify=notify)
+        old = old_breakers.get(key)
+        keep = old is not None and (old.routes, old.settings) == (breaker.routes, breaker.settings)
+        breakers[key] = old if keep and old is not None else breaker
+    compiled = []
+    for r in routes:
+        policy = RoutePolicy.build(r.name, r.policy, clock, breakers[r.policy.breaker.group or r.name])
+        if (budget := old_budgets.get(r.name)) is not None and budget.settings == policy.budget.settings:
+            policy = dataclasses.replace(policy, budget=budget)
+        compiled.append(Route(r.name, r.methods, r.pattern, policy))
     return RouteTable(compiled[:-1], compiled[-1])

@@ -72,7 +72,7 @@ class Pool:
         if proxy is not None:
             self._via(proxy, url)
         self._addrs_until = 0.0
-        self._closed = False
+        self._closed = self._retired = False
         self.connections_made = 0
 
     def _via(self, proxy: URL, url: URL) -> None:
@@ -209,7 +209,8 @@ class Pool:
 
     def put(self, conn: Connection) -> None:
         """The exchange on `conn` is complete: back to the pool, or closed if it cannot be reused."""
-        if self._closed or conn.transport is None or conn.transport.is_closing() or not conn.reusable or conn.broken:
+        if self._closed or conn.transport is None or conn.transport.is_closing() or not conn.reusable or conn.broken \
+                or self._retired:
             return self.drop(conn, graceful=not conn.broken)
         conn.pooled, conn.idle_at = True, self.loop.time()
         self._idle.append(conn)
@@ -233,6 +234,13 @@ class Pool:
             self.drop(self._idle[0], graceful=True)
         if self._idle:
             self._cleanup_handle = self.loop.call_at(self._idle[0].idle_at + self._keepalive, self._cleanup)
+
+    def retire(self) -> None:
+        """A reload replaced this pool: requests still using it finish, but no connection goes back to
+        it, so it holds none once they have (nothing waits to close it; the last user lets it go)."""
+        self._retired = True
+        while self._idle:
+            self.drop(self._idle[0], graceful=True)
 
     async def close(self) -> None:
         """Close every connection, idle or in use; responses being read and waiting requests fail."""

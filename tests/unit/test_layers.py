@@ -17,7 +17,7 @@ TIERS: tuple[frozenset[str], ...] = (
     frozenset({"body", "upstream", "client"}),  # one attempt's I/O
     frozenset({"attempt"}),  # the loop
     frozenset({"relay"}),  # the commit
-    frozenset({"handler"}),
+    frozenset({"runtime", "handler"}),  # the running config, and the handler that reads it
     frozenset({"logs", "metrics", "exposition", "process_metrics"}),  # observers: they receive events, nobody below the wiring imports them
     frozenset({"app", "server", "workers", "__main__", "__init__"}),  # wiring
 )
