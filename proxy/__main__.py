@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure(config.log.level, config.log.format)
     try:
-        run_loop(serve(config, Supervisor if config.workers > 1 else None))
+        run_loop(serve(config, Supervisor if config.workers > 1 else None, lambda: load_config(args, env)))
     except StartupError as exc:
         print(f"{PROG}: {mask(str(exc))}", file=sys.stderr)
         return 3

@@ -12,9 +12,9 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from .config import ProxyConfig
+from .config import RESTART_KEYS, ProxyConfig, changed_keys, pinned
 from .errors import ProxyError, too_many_connections
-from .events import Emitter, Observer
+from .events import ConfigReloaded, Emitter, Observer
 from .handler import Forwarder
 from .headers import serialize_head
 from .logs import LogObserver
@@ -162,7 +162,8 @@ class TrafficServer:
     def __init__(self, config: ProxyConfig, observers: Sequence[Observer] = (), *, shutdown_timeout: float = 60.0,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT, **forwarder_options: Any) -> None:
         self.config = config
-        self.forwarder = Forwarder(Emitter(observers, _observer_failed), **forwarder_options)
+        self.emit = Emitter(observers, _observer_failed)
+        self.forwarder = Forwarder(self.emit, **forwarder_options)
         self.app = web.Application()
         self.app.cleanup_ctx.append(self._client_ctx)
         self.runner = server_runner(self.forwarder.handle, shutdown_timeout=shutdown_timeout,
@@ -173,6 +174,15 @@ class TrafficServer:
         self.forwarder.start(self.config)
         yield
         await self.forwarder.close()
+
+    def reload(self, config: ProxyConfig) -> None:
+        """Serve `config` from the next request on (in-flight ones finish on the old); the keys a
+        running listener cannot change are reported, and wait for a restart."""
+        changed = changed_keys(self.config, config)
+        self.config = config = pinned(config, self.config)
+        self.forwarder.reload(config)
+        self.emit(ConfigReloaded(config.source, tuple(changed), tuple(k for k in changed if k in RESTART_KEYS),
+                                 tuple(route_names(config))))
 
     async def setup(self) -> None:
         self.app.freeze()

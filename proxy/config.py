@@ -175,6 +175,13 @@ class Log(_Section):
     format: LogFormat = BUILTIN
 
 
+class Reload(_Section):
+    """Hot reload: SIGHUP always; `watch` also polls the file (a ConfigMap volume swaps it in place)."""
+
+    watch: bool = BUILTIN
+    interval: Duration = BUILTIN
+
+
 class _RouteSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: RouteName
     path: PathPattern
@@ -193,6 +200,7 @@ class _File(msgspec.Struct, frozen=True, kw_only=True):
     defaults: Policy
     routes: list[_RouteSpec]
     log: Log
+    reload: Reload
     shutdown_grace: Duration
     workers: PositiveInt
 
@@ -347,6 +355,29 @@ def forward_proxy(upstream: Upstream) -> URL | None:
         return _proxy_url(value if "://" in value else f"http://{value}")
     except ValueError as exc:
         raise ConfigError(f"environment {name}", "", f"{exc} (upstream.proxy is env)") from None
+
+
+# What a running process cannot change: its sockets, its processes, its log setup and its drain timer.
+RESTART_KEYS = ("listen.host", "listen.port", "listen.max_connections", "admin.host", "admin.port", "workers",
+                "shutdown_grace", "log.level", "log.format")
+
+
+def changed_keys(old: ProxyConfig, new: ProxyConfig) -> list[str]:
+    """The top-level sections (or, for the RESTART_KEYS, the keys) whose effective values differ."""
+    a, b = effective(old), effective(new)
+    out = [key for key in RESTART_KEYS if _at(a, key) != _at(b, key)]
+    return out + [key for key in b if key not in ("listen", "admin", "log") and key not in RESTART_KEYS
+                  and a.get(key) != b[key]]
+
+
+def pinned(new: ProxyConfig, running: ProxyConfig) -> ProxyConfig:
+    """`new` as a running process applies it: with its running values of the RESTART_KEYS' sections."""
+    return msgspec.structs.replace(new, listen=running.listen, admin=running.admin, log=running.log,
+                                   workers=running.workers, shutdown_grace=running.shutdown_grace)
+
+
+def _at(tree: dict[str, Any], dotted: str) -> Any:
+    return functools.reduce(lambda node, key: node[key], dotted.split("."), tree)
 
 
 def _spelled(obj: Any) -> Any:

@@ -83,7 +83,17 @@ class BreakerChange(NamedTuple):
     new: BreakerState
 
 
-Event = RequestStarted | AttemptFinished | RetryScheduled | RequestFinished | BreakerChange
+class ConfigReloaded(NamedTuple):
+    """This process now serves a new config (hot reload): new requests use it, in-flight ones finish
+    on the old. `routes`: every route name of the new config (metrics add the new ones)."""
+
+    source: str
+    changed: tuple[str, ...]  # sections (or restart keys) whose effective values differ
+    restart_required: tuple[str, ...]  # of those, the ones a running process cannot apply
+    routes: tuple[str, ...]
+
+
+Event = RequestStarted | AttemptFinished | RetryScheduled | RequestFinished | BreakerChange | ConfigReloaded
 Observer = Callable[[Event], None]
 EVENT_TYPES: tuple[type, ...] = get_args(Event)
 

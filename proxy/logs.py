@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import structlog
 
-from .events import BreakerChange, Event, RequestFinished, RetryScheduled
+from .events import BreakerChange, ConfigReloaded, Event, RequestFinished, RetryScheduled
 from .masking import mask, mask_event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -224,7 +224,7 @@ class LogObserver:
     """
 
     __slots__ = ("_log", "_fast", "_info")
-    event_types = (RequestFinished, RetryScheduled, BreakerChange)  # the others are counted by metrics only
+    event_types = (RequestFinished, RetryScheduled, BreakerChange, ConfigReloaded)  # the others: metrics only
 
     def __init__(self, logger: Any = None, *, level: str = "info", fmt: str = "json") -> None:
         self._log = logger or get_logger()
@@ -257,3 +257,7 @@ class LogObserver:
         elif isinstance(e, BreakerChange):
             self._log.warning("breaker", breaker=e.breaker, routes=list(e.routes), old=e.old.name.lower(),
                               new=e.new.name.lower())
+        elif isinstance(e, ConfigReloaded):  # a warning when part of it waits for a restart
+            log = self._log.warning if e.restart_required else self._log.info
+            log("config_reloaded", config_source=e.source, changed=list(e.changed),
+                restart_required=list(e.restart_required), pid=os.getpid())

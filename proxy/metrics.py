@@ -20,7 +20,8 @@ from itertools import accumulate
 from typing import NamedTuple
 
 from .classify import Category
-from .events import AttemptFinished, BreakerChange, Event, RequestFinished, RequestStarted, RetryScheduled
+from .events import (AttemptFinished, BreakerChange, ConfigReloaded, Event, RequestFinished, RequestStarted,
+                     RetryScheduled)
 from .retry import StopReason
 
 P = "openai_proxy_"
@@ -132,27 +133,45 @@ class MetricsStore:
 
     def __init__(self, routes: Sequence[str], directory: str | None = None, *,
                  buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
-        self.routes = tuple(dict.fromkeys(routes))
         self.bounds = _check_bounds(buckets)
+        self._path = None if directory is None else os.path.join(directory, f"{os.getpid()}.metrics")
+        self._map(tuple(dict.fromkeys(routes)))
+
+    def _map(self, routes: tuple[str, ...], keep: memoryview | None = None) -> None:
+        """Memory for `routes`, the values in `keep` copied to its start, then swapped in. A file is
+        written under another name and moved over the old one: the supervisor reads one or the other."""
         block = block_size(self.bounds)
-        self.base = {name: i * block for i, name in enumerate(self.routes)}
-        meta = json.dumps({"routes": self.routes, "buckets": self.bounds}).encode()
+        meta = json.dumps({"routes": routes, "buckets": self.bounds}).encode()
         meta += b" " * (-len(meta) % 8)  # so the doubles start 8-byte aligned
         head = _FILE_HEAD.pack(_MAGIC, len(meta)) + meta
-        size = len(head) + 8 * block * max(len(self.routes), 1)
-        if directory is None:
-            self._map = mmap.mmap(-1, size)
+        size = len(head) + 8 * block * max(len(routes), 1)
+        if self._path is None:
+            memory = mmap.mmap(-1, size)
         else:
-            path = os.path.join(directory, f"{os.getpid()}.metrics")
-            with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), "r+b") as f:
+            with os.fdopen(os.open(self._path + ".new", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), "r+b") as f:
                 f.truncate(size)
-                self._map = mmap.mmap(f.fileno(), size)
-        self._map[:len(head)] = head
-        self.slots = memoryview(self._map)[len(head):].cast("d")
+                memory = mmap.mmap(f.fileno(), size)
+        memory[:len(head)] = head
+        slots = memoryview(memory)[len(head):].cast("d")
+        if keep is not None:
+            slots[:len(keep)] = keep
+        if self._path is not None:
+            os.replace(self._path + ".new", self._path)
+        self.routes, self.slots = routes, slots
+        self.base = {name: i * block for i, name in enumerate(routes)}
+        self._current = Snapshot(routes, self.bounds, slots)  # one attribute: a scrape reads it in one step
+
+    def add_routes(self, names: Sequence[str]) -> None:
+        """A reload's new routes get blocks of their own after the others, which keep their values (and
+        their series: a counter must not vanish). The histogram bounds stay: rates would break."""
+        new = tuple(n for n in dict.fromkeys(names) if n not in self.base)
+        if new:
+            self._map(self.routes + new, self.slots)
 
     def snapshot(self) -> Snapshot:
         """A copy, taken in one step: a scrape never sees half of a request's updates."""
-        return Snapshot(self.routes, self.bounds, memoryview(bytes(self.slots)).cast("d"))
+        routes, bounds, slots = self._current
+        return Snapshot(routes, bounds, memoryview(bytes(slots)).cast("d"))
 
 
 class Snapshot(NamedTuple):
@@ -184,9 +203,10 @@ _OK = Category.OK
 class MetricsObserver:
     """Events -> slot updates. Observes only; runs on the event loop, so no lock is needed."""
 
-    __slots__ = ("_s", "_base", "_now", "_bounds", "_hist_error")
+    __slots__ = ("_store", "_s", "_base", "_now", "_bounds", "_hist_error")
 
     def __init__(self, store: MetricsStore, *, now: Callable[[], float] = time.time) -> None:
+        self._store = store
         self._s, self._base, self._bounds, self._now = store.slots, store.base, store.bounds, now
         self._hist_error = HEAD + hist_size(store.bounds)
 
@@ -230,6 +250,9 @@ class MetricsObserver:
                 s[b + _REM_TOK_AT] = self._now()
         elif isinstance(event, RetryScheduled):
             s[self._base[event.route] + _RETRIES[event.category]] += 1
+        elif isinstance(event, ConfigReloaded):
+            self._store.add_routes(event.routes)
+            self._s, self._base = self._store.slots, self._store.base
         elif isinstance(event, BreakerChange):
             new = int(event.new)
             for route in event.routes:

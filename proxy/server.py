@@ -16,15 +16,18 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from . import __version__
 from .app import TrafficServer, server_runner, standard_observers
-from .config import ProxyConfig, effective
+from .config import ConfigError, ProxyConfig, effective
 from .errors import ADMIN_METHOD, ADMIN_NOT_FOUND
 from .logs import WRITER, get_logger
+from .masking import mask
 from .process_metrics import process_collectors
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+Loader = Callable[[], ProxyConfig]  # re-reads the config as at startup: the file, the environment, the flags
 
 
 class StartupError(Exception):
@@ -62,6 +65,55 @@ async def admin_runner(status: Callable[[], str], registry: CollectorRegistry) -
     return runner
 
 
+class Reloader:
+    """Hot reload (SIGHUP, or the file watch): re-read and check the config, then hand a valid one to
+    the traffic listener (this process's, or every worker); an invalid one changes nothing and is
+    logged once, naming the file and key path."""
+
+    def __init__(self, config: ProxyConfig, loader: Loader, apply: Callable[[ProxyConfig], None],
+                 registry: CollectorRegistry) -> None:
+        self.config, self._load, self._apply = config, loader, apply
+        self.results = {"ok": 0, "failed": 0}  # both series exist from the start: an alert can use increase()
+        registry.register(self)
+
+    def reload(self, trigger: str) -> None:
+        try:
+            config = self._load()
+        except ConfigError as exc:
+            self.results["failed"] += 1
+            get_logger().error("config_reload_failed", trigger=trigger, error=mask(str(exc)), kept="the running config")
+            return
+        self.results["ok"] += 1
+        self.config = config
+        self._apply(config)
+
+    def collect(self) -> list[CounterMetricFamily]:
+        """openai_proxy_config_reloads_total{result}, a collector as the others (no _created series)."""
+        family = CounterMetricFamily("openai_proxy_config_reloads", "Config reloads (SIGHUP or the file watch), "
+                                     "by result.", labels=["result"])
+        for result, n in self.results.items():
+            family.add_metric([result], n)
+        return [family]
+
+    def _signature(self) -> tuple[int, ...] | None:
+        """What changes when the file does: a ConfigMap volume swaps a symlink, so the inode changes."""
+        try:
+            st = os.stat(self.config.source)
+        except OSError:  # no file (built-in defaults), or mid-swap: look again next time
+            return None
+        return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+    async def watch(self) -> None:
+        """While `reload.watch` is on, reload when the file changes (checked every `reload.interval`)."""
+        seen = self._signature()
+        while True:
+            await asyncio.sleep(float(self.config.reload.interval))
+            now = self._signature() if self.config.reload.watch else None
+            if now is not None and now != seen:
+                seen = now
+                self.reload("file_changed")
+
+
 def listen_error(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
@@ -77,8 +129,10 @@ def run_loop(coro: Coroutine[Any, Any, None]) -> None:
         runner.run(coro)
 
 
-async def serve(config: ProxyConfig, supervisor: Callable[[ProxyConfig, CollectorRegistry], Any] | None = None) -> None:
-    """Both listeners until SIGTERM/SIGINT; the traffic one is this process's, or `supervisor`'s workers."""
+async def serve(config: ProxyConfig, supervisor: Callable[[ProxyConfig, CollectorRegistry], Any] | None = None,
+                loader: Loader | None = None) -> None:
+    """Both listeners until SIGTERM/SIGINT; the traffic one is this process's, or `supervisor`'s workers.
+    SIGHUP (and the file watch) reloads through `loader`."""
     log = get_logger()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -101,12 +155,18 @@ async def serve(config: ProxyConfig, supervisor: Callable[[ProxyConfig, Collecto
             raise StartupError(listen_error(where.host, where.port, exc)) from None
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
+        reloader = Reloader(config, loader or (lambda: config), traffic.reload, registry)
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+        watch = asyncio.ensure_future(reloader.watch())
         status = "ready"
         log.info("startup", config=effective(config), config_source=config.source, version=__version__,
                  workers=config.workers, pids=workers.pids() if workers else [os.getpid()])
         log.info("listening", traffic=_addresses(traffic.addresses), admin=_addresses(admin.addresses),
                  upstream=config.upstream.url, workers=config.workers)
         await stop.wait()
+        watch.cancel()
+        loop.remove_signal_handler(signal.SIGHUP)  # default action ends the process: ignore it while draining
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         status = "draining"
         log.info("draining", grace_s=config.shutdown_grace, workers=config.workers)
         for sig in STOP_SIGNALS if workers is None else ():  # a second signal ends a single process at once
@@ -123,8 +183,10 @@ def _addresses(addresses: list[Any]) -> list[str]:
 
 
 async def serve_traffic_only(config: ProxyConfig, port: int, conn: Connection, metrics_dir: str) -> None:
-    """A worker of --workers N: the traffic listener on a port shared with the other workers."""
+    """A worker of --workers N: the traffic listener on a port shared with the other workers. `conn`
+    says when it listens, then brings each config the supervisor has reloaded and checked."""
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     registry = CollectorRegistry()  # unused: the supervisor reads this worker's file in metrics_dir
     traffic = TrafficServer(config, standard_observers(config, registry, metrics_dir=metrics_dir),
                             shutdown_timeout=config.shutdown_grace)
@@ -136,11 +198,23 @@ async def serve_traffic_only(config: ProxyConfig, port: int, conn: Connection, m
             conn.send(listen_error(config.listen.host, port, exc))
             return
         for sig in STOP_SIGNALS:
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop.set)
         conn.send(None)  # listening
-        conn.close()
+        loop.add_reader(conn.fileno(), _next_config, conn, traffic)
         get_logger().info("worker_started", pid=os.getpid())
         await stop.wait()
+        loop.remove_reader(conn.fileno())
     finally:
+        conn.close()
         await traffic.cleanup()
         WRITER.flush()
+
+
+def _next_config(conn: Connection, traffic: TrafficServer) -> None:
+    """A reloaded config from the supervisor (one pickled message; it writes each whole)."""
+    try:
+        config = conn.recv()
+    except (EOFError, OSError):  # the supervisor is gone: SIGTERM follows, or the pipe was closed
+        asyncio.get_running_loop().remove_reader(conn.fileno())
+        return
+    traffic.reload(config)

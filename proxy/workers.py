@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import shutil
+import signal
 import socket
 import tempfile
 from multiprocessing.connection import Connection
@@ -18,7 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from .config import ProxyConfig
+from .config import ProxyConfig, pinned
 from .exposition import DirectoryCollector
 from .logs import configure, get_logger
 from .process_metrics import process_collectors
@@ -31,6 +32,7 @@ def worker_main(config: ProxyConfig, port: int, conn: Connection, metrics_dir: s
     """A worker process (spawn target). It runs the supervisor's checked config (pickled by spawn), never
     the command line or the environment again, so a config file changed since cannot reach it."""
     configure(config.log.level, config.log.format)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's: it sends the checked config
     run_loop(serve_traffic_only(config, port, conn, metrics_dir))
 
 
@@ -43,6 +45,7 @@ class Supervisor:
         self.log = get_logger()
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: dict[int, BaseProcess] = {}  # slot -> process
+        self.channels: dict[int, Connection] = {}  # slot -> the pipe to its worker: readiness in, configs out
         self.live: set[int] = set()  # pids of the workers alive now (their gauges count in /metrics)
         self.port = 0
         self.metrics_dir = ""
@@ -73,8 +76,18 @@ class Supervisor:
     def pids(self) -> list[int | None]:
         return [p.pid for p in self.workers.values()]
 
+    def reload(self, config: ProxyConfig) -> None:
+        """Every worker serves `config` from its next request on (each reports what waits for a
+        restart); one started later gets it too, with this process's listener settings."""
+        self.config = pinned(config, self.config)
+        for slot, conn in list(self.channels.items()):
+            try:
+                conn.send(config)
+            except OSError:  # it died: _exited restarts it with self.config
+                self.log.warning("worker_reload_missed", slot=slot)
+
     def _spawn(self, slot: int) -> tuple[BaseProcess, Connection]:
-        parent, child = self.ctx.Pipe(duplex=False)
+        parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=worker_main, args=(self.config, self.port, child, self.metrics_dir),
                                 name=f"worker-{slot}")
         proc.start()
@@ -91,16 +104,19 @@ class Supervisor:
             error = conn.recv() if ok else f"worker {proc.pid} did not start within {_START_TIMEOUT:.0f}s"
         except EOFError:
             error = f"worker {proc.pid} exited while starting (exit code {proc.exitcode})"
-        finally:
-            conn.close()
         if error is None:
+            self.channels[slot] = conn
             loop.add_reader(proc.sentinel, self._exited, slot, proc)
+        else:
+            conn.close()
         return error
 
     def _exited(self, slot: int, proc: BaseProcess) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)
         proc.join(0)
         self.live.discard(proc.pid or 0)
+        if (conn := self.channels.pop(slot, None)) is not None:
+            conn.close()
         if not self.stopping:
             self.log.error("worker_exited", pid=proc.pid, exitcode=proc.exitcode, restarting=True)
             asyncio.ensure_future(self._restart(slot, *self._spawn(slot)))
