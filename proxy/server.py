@@ -200,7 +200,7 @@ async def serve_traffic_only(config: ProxyConfig, port: int, conn: Connection, m
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
         conn.send(None)  # listening
-        loop.add_reader(conn.fileno(), _next_config, conn, traffic)
+        loop.add_reader(conn.fileno(), _next_config, conn, traffic, stop)
         get_logger().info("worker_started", pid=os.getpid())
         await stop.wait()
         loop.remove_reader(conn.fileno())
@@ -210,11 +210,14 @@ async def serve_traffic_only(config: ProxyConfig, port: int, conn: Connection, m
         WRITER.flush()
 
 
-def _next_config(conn: Connection, traffic: TrafficServer) -> None:
-    """A reloaded config from the supervisor (one pickled message; it writes each whole)."""
+def _next_config(conn: Connection, traffic: TrafficServer, stop: asyncio.Event) -> None:
+    """A reloaded config from the supervisor (one pickled message; it writes each whole). The pipe's
+    end means the supervisor is gone (killed): drain and exit rather than serve on unsupervised."""
     try:
         config = conn.recv()
-    except (EOFError, OSError):  # the supervisor is gone: SIGTERM follows, or the pipe was closed
+    except (EOFError, OSError):
         asyncio.get_running_loop().remove_reader(conn.fileno())
+        get_logger().error("supervisor_gone", pid=os.getpid(), action="draining")
+        stop.set()
         return
     traffic.reload(config)

@@ -65,3 +65,15 @@ async def test_two_workers_share_the_port_and_the_metrics(tmp_path, mock, proxy_
     lines = p.lines + [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     assert sum(1 for x in lines if x.get("event") == "request") == n + 10
     assert "Traceback" not in err, err
+
+
+async def test_workers_leave_when_the_supervisor_is_killed(tmp_path, mock, proxy_process):
+    """SIGKILL leaves the supervisor no time to stop its workers: each sees its pipe close, drains and
+    exits, instead of serving on without metrics, reloads or restarts."""
+    path = write_config(tmp_path, mock.url)
+    p = await proxy_process("--config", str(path), "--port", "0", "--admin-port", "0", "--workers", "2")
+    pids = next(line for line in p.lines if line["event"] == "startup")["pids"]
+    p.signal(signal.SIGKILL)
+    code, out, _ = await p.finish()  # returns once every worker has closed the output pipe: they exited
+    gone = [json.loads(line) for line in out.splitlines() if '"supervisor_gone"' in line]
+    assert code == -signal.SIGKILL and sorted(line["pid"] for line in gone) == sorted(pids)
