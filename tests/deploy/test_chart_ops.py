@@ -241,3 +241,44 @@ def test_two_releases_rule_groups_load_together(render: Render, promtool: str, t
     proc = run([promtool, "check", "rules", str(path)])  # exits 1 on a repeated group name
     assert "repeated" not in proc.stdout + proc.stderr
 
+
+
+# ---- config reload instead of a roll (issue 17, item 3) -----------------------------------------
+
+def _config_and_checksum(r: Any) -> tuple[dict[str, Any], str]:
+    config = yaml.safe_load(r.one("ConfigMap", PROXY)["data"]["config.yaml"])
+    return config, r.one("Deployment")["spec"]["template"]["metadata"]["annotations"][f"checksum/{PROXY}-config"]
+
+
+def test_sidecar_mode_reloads_the_config_instead_of_restarting_the_application(render: Render,
+                                                                                example_chart: Path) -> None:
+    """auto: a sidecar watches its ConfigMap, so a route or upstream change reaches it without
+    restarting the application's pod; a change it cannot apply in place (a listener, the log setup)
+    still changes the pod's checksum and rolls it."""
+    def sidecar(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        return _config_and_checksum(render(example_chart, {PROXY: {"config": config}}))
+
+    base, checksum = sidecar({})
+    assert base["reload"] == {"watch": True}
+    routes = [{"name": "chat", "methods": ["POST"], "path": "/v1/chat/completions", "retry": {"max_attempts": 5}}]
+    changed, same = sidecar({"routes": routes, "upstream": {"url": "https://eu.api.openai.com"}})
+    assert changed["routes"] == routes and same == checksum
+    assert sidecar({"log": {"level": "debug"}})[1] != checksum
+    assert sidecar({"shutdown_grace": "45s"})[1] != checksum
+    assert sidecar({"reload": {"interval": "30s"}})[0]["reload"] == {"watch": True, "interval": "30s"}
+
+
+def test_gateway_mode_rolls_on_any_change_unless_reload_is_asked_for(render: Render) -> None:
+    routes = [{"name": "chat", "path": "/v1/chat/completions"}]
+    base, checksum = _config_and_checksum(render(CHART))
+    assert "reload" not in base
+    assert _config_and_checksum(render(CHART, {"config": {"routes": routes}}))[1] != checksum
+    on, on_checksum = _config_and_checksum(render(CHART, {"configReload": True}))
+    assert on["reload"] == {"watch": True}
+    assert _config_and_checksum(render(CHART, {"configReload": True, "config": {"routes": routes}}))[1] == on_checksum
+    off, _ = _config_and_checksum(render(CHART, {"mode": "gateway", "configReload": False}))
+    assert "reload" not in off
+
+
+def test_a_bad_config_reload_value_is_named(render_error: Any) -> None:
+    assert "configReload" in render_error(CHART, {"configReload": "yes"})

@@ -51,6 +51,9 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- $cfg := dict
       "listen" (dict "host" $host "port" (int $v.ports.http))
       "admin" (dict "host" "0.0.0.0" "port" (int $v.ports.admin)) -}}
+{{- if include "openai-resilience-proxy.reloadOn" . -}}
+{{- $_ := set $cfg "reload" (dict "watch" true) -}}
+{{- end -}}
 {{- $cfg = mergeOverwrite $cfg (deepCopy (default (dict) $v.config)) -}}
 {{- if and (eq $v.mode "gateway") (has $cfg.listen.host (list "127.0.0.1" "localhost" "::1")) -}}
 {{- fail (printf "config.listen.host: %s is unreachable through the Service in gateway mode; leave it unset (0.0.0.0)" $cfg.listen.host) -}}
@@ -58,8 +61,23 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- toYaml $cfg -}}
 {{- end -}}
 
+{{/* configReload: auto is on in sidecar mode (a roll restarts the application too), off in gateway mode. */}}
+{{- define "openai-resilience-proxy.reloadOn" -}}
+{{- $r := toString .Values.configReload -}}
+{{- if not (has $r (list "auto" "true" "false")) -}}
+{{- fail (printf "configReload: expected auto, true or false, got %q" $r) -}}
+{{- end -}}
+{{- if or (eq $r "true") (and (eq $r "auto") (eq .Values.mode "sidecar")) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The pods' config checksum: of the whole file, or with configReload of only what the proxy cannot
+     reload in place (its listeners, log setup, workers, drain time), so routes and upstreams reload. */}}
 {{- define "openai-resilience-proxy.configChecksum" -}}
+{{- if include "openai-resilience-proxy.reloadOn" . -}}
+{{- pick (include "openai-resilience-proxy.configYAML" . | fromYaml) "listen" "admin" "log" "workers" "shutdown_grace" | toYaml | sha256sum -}}
+{{- else -}}
 {{- include "openai-resilience-proxy.configYAML" . | sha256sum -}}
+{{- end -}}
 {{- end -}}
 
 {{/* config.shutdown_grace in whole seconds, rounded up (the proxy's duration syntax). */}}
