@@ -179,8 +179,9 @@ class TrafficServer:
         """Serve `config` from the next request on (in-flight ones finish on the old); the keys a
         running listener cannot change are reported, and wait for a restart."""
         changed = changed_keys(self.config, config)
-        self.config = config = pinned(config, self.config)
-        self.forwarder.reload(config)
+        config = pinned(config, self.config)
+        self.forwarder.reload(config)  # builds the new Runtime whole before it swaps: a failure changes nothing
+        self.config = config
         self.emit(ConfigReloaded(config.source, tuple(changed), tuple(k for k in changed if k in RESTART_KEYS),
                                  tuple(route_names(config))))
 

@@ -73,19 +73,27 @@ class Reloader:
     def __init__(self, config: ProxyConfig, loader: Loader, apply: Callable[[ProxyConfig], None],
                  registry: CollectorRegistry) -> None:
         self.config, self._load, self._apply = config, loader, apply
+        self._seen = self._signature()
         self.results = {"ok": 0, "failed": 0}  # both series exist from the start: an alert can use increase()
         registry.register(self)
 
     def reload(self, trigger: str) -> None:
+        self._seen = self._signature()  # the file as this reload reads it: the watch waits for the next change
         try:
             config = self._load()
         except ConfigError as exc:
             self.results["failed"] += 1
             get_logger().error("config_reload_failed", trigger=trigger, error=mask(str(exc)), kept="the running config")
             return
+        try:
+            self._apply(config)
+        except Exception as exc:  # a bug, not a bad file: say so, and keep serving on the old config
+            self.results["failed"] += 1
+            get_logger().exception("config_reload_failed", trigger=trigger, error=f"applying it failed: {exc!r}",
+                                   kept="the running config")
+            return
         self.results["ok"] += 1
         self.config = config
-        self._apply(config)
 
     def collect(self) -> list[CounterMetricFamily]:
         """openai_proxy_config_reloads_total{result}, a collector as the others (no _created series)."""
@@ -105,12 +113,10 @@ class Reloader:
 
     async def watch(self) -> None:
         """While `reload.watch` is on, reload when the file changes (checked every `reload.interval`)."""
-        seen = self._signature()
         while True:
             await asyncio.sleep(float(self.config.reload.interval))
             now = self._signature() if self.config.reload.watch else None
-            if now is not None and now != seen:
-                seen = now
+            if now is not None and now != self._seen:
                 self.reload("file_changed")
 
 
@@ -220,4 +226,8 @@ def _next_config(conn: Connection, traffic: TrafficServer, stop: asyncio.Event) 
         get_logger().error("supervisor_gone", pid=os.getpid(), action="draining")
         stop.set()
         return
-    traffic.reload(config)
+    try:
+        traffic.reload(config)
+    except Exception as exc:  # a bug: this worker keeps its running config, and says so
+        get_logger().exception("config_reload_failed", trigger="supervisor", error=f"applying it failed: {exc!r}",
+                               kept="the running config", pid=os.getpid())
