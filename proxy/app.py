@@ -38,6 +38,11 @@ def route_names(config: ProxyConfig) -> list[str]:
     return [r.name for r in config.routes.routes] + [config.routes.default.name]
 
 
+def route_upstreams(config: ProxyConfig) -> list[tuple[str, str]]:
+    """(route, upstream) for each upstream of each route: the keys of the metrics labelled by upstream."""
+    return [(r.name, u) for r in (*config.routes.routes, config.routes.default) for u in r.policy.upstreams]
+
+
 def duration_buckets(config: ProxyConfig) -> tuple[float, ...]:
     """The duration histogram's bounds: up to the longest total timeout of any route."""
     routes = (*config.routes.routes, config.routes.default)
@@ -48,7 +53,8 @@ def standard_observers(config: ProxyConfig, registry: CollectorRegistry, *, logs
                        metrics_dir: str | None = None) -> list[Observer]:
     """The production observers: the masked log lines and the Prometheus metrics (on `registry`,
     and in a file in `metrics_dir` for the supervisor of --workers)."""
-    store = MetricsStore(route_names(config), metrics_dir, buckets=duration_buckets(config))
+    store = MetricsStore(route_names(config), metrics_dir, buckets=duration_buckets(config),
+                         pairs=route_upstreams(config))
     registry.register(StoreCollector(store))
     observers: list[Observer] = [MetricsObserver(store)]
     if logs:

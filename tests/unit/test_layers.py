@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 
 TIERS: tuple[frozenset[str], ...] = (
     # pure decisions and the data they read: no sockets, no clock reads of their own
-    frozenset({"units", "masking", "classify", "backoff", "budget", "headers", "sse", "routes", "retry", "config",
+    frozenset({"units", "masking", "classify", "backoff", "budget", "headers", "sse", "routes", "retry", "upstreams", "config",
                "errors", "events"}),
     frozenset({"breaker", "policy"}),  # live per-route state, built once
     frozenset({"body", "upstream", "client"}),  # one attempt's I/O
