@@ -7,7 +7,8 @@ so drift and noise hit all alike), sequential requests through one keep-alive ai
 
 - single:   route upstreams [secondary]                  (the baseline: a direct call to the secondary)
 - failover: route upstreams [primary, secondary], the primary answers every request 503 and its breaker
-            never opens (failure_threshold above the request count): each request fails over
+            never opens (failure_threshold above the request count) and the retry budget is lifted (ratio 1):
+            each request fails over
 - skipped:  route upstreams [primary, secondary], the primary's breaker open (one 503, threshold 1,
             reset_timeout 1h): each request skips it without an attempt
 
@@ -46,7 +47,10 @@ ENV = "FAILOVER_BENCH_SECONDARY_KEY"
 async def start_proxy(tmp: str, name: str, primary: str, secondary: str, upstreams: list[str], threshold: int):
     doc = {"upstreams": {"primary": {"url": primary},
                          "secondary": {"url": secondary, "auth": {"header": "api-key", "value_from_env": ENV}}},
-           "defaults": {"breaker": {"failure_threshold": threshold, "reset_timeout": "1h"}},
+           # the budget lifted so every request may fail over: with the default one (20 % + 10/s), a primary
+           # whose breaker never opens would see failovers stop with `budget` once it is spent
+           "defaults": {"breaker": {"failure_threshold": threshold, "reset_timeout": "1h"},
+                        "retry": {"budget": {"ratio": 1.0, "min_per_second": 10000}}},
            "routes": [{"name": "chat", "methods": ["POST"], "path": PATH, "upstreams": upstreams}]}
     path = Path(tmp) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
