@@ -21,8 +21,8 @@ from .masking import Secret
 from .routes import DEFAULT_ROUTE, PathPattern, Route, RouteTable, compile_path
 from .units import Duration, Size, format_duration, format_size, to_duration, to_size
 from .upstreams import (DEFAULT_UPSTREAM, CaFile, Credential, ForwardProxy, HttpUrl, NamedUpstream, Problem,
-                        UpstreamName, ca_file, check_failover_on, check_upstream_list, credential, forward_proxy_setting,
-                        http_url, object_path, proxy_via)
+                        UpstreamName, ca_file, check_failover_on, check_upstream_list, credential,
+                        forward_proxy_setting, http_url, object_path, proxy_via)
 
 
 class ConfigError(Exception):

@@ -759,9 +759,9 @@ class MockUpstream:
     async def _serve(self, ex: _Exchange) -> web.StreamResponse:
         if self._api_path(ex.rec.path) is None:
             await self._read_body(ex)
+            message = f"Not found: this mock serves the API under {self.base_path}"
             return await self._send(ex, _Reply.json({"error": {
-                "message": f"Not found: this mock serves the API under {self.base_path}", "type": "invalid_request_error",
-                "param": None, "code": "not_found"}}, 404))
+                "message": message, "type": "invalid_request_error", "param": None, "code": "not_found"}}, 404))
         step = ex.rec.step
         if isinstance(step, Reset):
             await self._read_body(ex)

@@ -48,7 +48,8 @@ def failover_config(primary_url: str, secondary_url: str, *, attempts: int = 3, 
                     replay_limit: str = "1MiB", **route) -> dict:
     return {
         "upstreams": {"primary": {"url": primary_url},
-                      "secondary": {"url": secondary_url + "/openai/v1", "auth": {"header": "api-key", "value_from_env": ENV}}},
+                      "secondary": {"url": secondary_url + "/openai/v1",
+                                    "auth": {"header": "api-key", "value_from_env": ENV}}},
         "defaults": {"retry": {"max_attempts": attempts, "replay_limit": replay_limit},
                      "breaker": {"failure_threshold": threshold, "reset_timeout": "30s"}},
         "routes": [{"name": "chat", "methods": ["POST"], "path": PATH, "upstreams": ["primary", "secondary"], **route}],
@@ -301,7 +302,8 @@ def with_route(route: dict) -> dict:
      "routes[0].upstreams", "prefix path /v1/files/*"),
     (with_route({"name": "chat", "path": PATH, "upstreams": ["primary", "tertiary"]}),
      "routes[0].upstreams[1]", "unknown upstream 'tertiary'"),
-    (with_route({"name": "chat", "path": PATH, "upstreams": ["primary", "secondary"], "failover_on": ["server", "client"]}),
+    (with_route({"name": "chat", "path": PATH, "upstreams": ["primary", "secondary"],
+                 "failover_on": ["server", "client"]}),
      "routes[0].failover_on[1]", "'client' is the caller's error"),
 ])
 def test_check_config_refuses_bad_failover_routes(tmp_path, leaks, doc, key, words):

@@ -390,7 +390,8 @@ def test_supervisor_process_metrics_without_proc_are_absent(tmp_path):
 def test_attempts_and_breakers_are_counted_per_upstream_of_a_route(tmp_path, monkeypatch):
     """A failover route's attempts and breakers by upstream, in one process and summed over worker
     files by (route, upstream) key, whatever order each worker's store lists its pairs in."""
-    for pid, pairs in ((1, [("chat", "primary"), ("chat", "secondary")]), (2, [("chat", "secondary"), ("chat", "primary")])):
+    orders = ([("chat", "primary"), ("chat", "secondary")], [("chat", "secondary"), ("chat", "primary")])
+    for pid, pairs in zip((1, 2), orders):
         at_pid(monkeypatch, pid)
         store = MetricsStore(["chat", "default"], str(tmp_path), pairs=[*pairs, ("default", "default")])
         observe = MetricsObserver(store)
