@@ -12,9 +12,10 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from .config import RESTART_KEYS, ProxyConfig, changed_keys, pinned
+from .config import ProxyConfig
 from .errors import ProxyError, too_many_connections
 from .events import ConfigReloaded, Emitter, Observer
+from .reload import RESTART_KEYS, changed_keys, pinned
 from .handler import Forwarder
 from .headers import serialize_head
 from .logs import LogObserver
@@ -38,6 +39,11 @@ def route_names(config: ProxyConfig) -> list[str]:
     return [r.name for r in config.routes.routes] + [config.routes.default.name]
 
 
+def route_upstreams(config: ProxyConfig) -> list[tuple[str, str]]:
+    """(route, upstream) for each upstream of each route: the keys of the metrics labelled by upstream."""
+    return [(r.name, u) for r in (*config.routes.routes, config.routes.default) for u in r.policy.upstreams]
+
+
 def duration_buckets(config: ProxyConfig) -> tuple[float, ...]:
     """The duration histogram's bounds: up to the longest total timeout of any route."""
     routes = (*config.routes.routes, config.routes.default)
@@ -48,7 +54,8 @@ def standard_observers(config: ProxyConfig, registry: CollectorRegistry, *, logs
                        metrics_dir: str | None = None) -> list[Observer]:
     """The production observers: the masked log lines and the Prometheus metrics (on `registry`,
     and in a file in `metrics_dir` for the supervisor of --workers)."""
-    store = MetricsStore(route_names(config), metrics_dir, buckets=duration_buckets(config))
+    store = MetricsStore(route_names(config), metrics_dir, buckets=duration_buckets(config),
+                         pairs=route_upstreams(config))
     registry.register(StoreCollector(store))
     observers: list[Observer] = [MetricsObserver(store)]
     if logs:
@@ -183,7 +190,7 @@ class TrafficServer:
         self.forwarder.reload(config)  # builds the new Runtime whole before it swaps: a failure changes nothing
         self.config = config
         self.emit(ConfigReloaded(config.source, tuple(changed), tuple(k for k in changed if k in RESTART_KEYS),
-                                 tuple(route_names(config))))
+                                 tuple(route_names(config)), tuple(route_upstreams(config))))
 
     async def setup(self) -> None:
         self.app.freeze()

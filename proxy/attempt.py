@@ -17,12 +17,12 @@ from .body import RequestBody, Upload
 from .breaker import Permit
 from .classify import (ERROR_BODY_LIMIT, UPSTREAM_ERRORS, Category, UnrelayableResponse, Verdict,
                        classify_exception, classify_status)
-from .events import AttemptFinished, Emitter, RetryScheduled
+from .events import AttemptFinished, Emitter, Failover as FailoverEvent, RetryScheduled
 from .headers import Headers, readable_stream, unrelayable
 from .policy import RoutePolicy
-from .retry import RetryAfter, StopReason, decide
+from .retry import Failover, RetryAfter, Stop, StopReason, decide, decide_failover, next_upstream
 from .sse import StreamEnd, judge
-from .upstream import UpstreamClient, UpstreamResponse, send
+from .upstream import Endpoint, UpstreamResponse, send
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -44,11 +44,15 @@ class Outcome:
     error: BaseException | None = None  # set when there is no response
     deferred: bool = False  # a stream the breaker has not heard about yet: stream_ended() tells it
     retry_after: float = 0.0  # never sent: seconds until the breaker would admit a request
+    upstream: int = 0  # the index, in the route's upstreams, of the one the last attempt went to
 
     @classmethod
     def never_sent(cls, route: RoutePolicy) -> Outcome:
-        """The breaker refused the first attempt: the only case answered `circuit_open`."""
-        return cls(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER, retry_after=route.breaker.retry_after())
+        """Every breaker the request may use refused the first attempt: the only case answered
+        `circuit_open`; `retry_after` is when the first of them admits a probe."""
+        breakers = route.breakers if Category.CIRCUIT_OPEN in route.failover_on else route.breakers[:1]
+        return cls(0, Verdict(Category.CIRCUIT_OPEN), StopReason.BREAKER,
+                   retry_after=min(b.retry_after() for b in breakers))
 
     def discard(self) -> None:
         """The response is not wanted (a retry replaces it): drop its connection unless read whole."""
@@ -70,6 +74,7 @@ class Exchange(NamedTuple):
     start: float  # monotonic
     deadline: float  # monotonic: no retry waits past it (timeouts.total, or the client's own timeout)
     request_id: str | None = None  # carried into RetryScheduled, so a retry line names its request
+    urls: tuple[URL, ...] = ()  # the request's URL at each of the route's upstreams; () is (url,)
 
 
 async def _prefetch(up: UpstreamResponse, method: str) -> tuple[bytes | None, bool]:
@@ -89,23 +94,31 @@ async def _prefetch(up: UpstreamResponse, method: str) -> tuple[bytes | None, bo
     return bytes(head), False
 
 
-async def run(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Emitter, *,
+async def run(endpoints: tuple[Endpoint, ...], route: RoutePolicy, ex: Exchange, emit: Emitter, *,
               clock: Callable[[], float], rng: Random, sleep: Sleep) -> Outcome:
-    """Attempts until one succeeds or the policy stops.
+    """Attempts until one succeeds or the policy stops; `endpoints` are the route's upstreams, in order.
 
     `circuit_open` answers only a request never sent: once an attempt was made, a breaker that
-    refuses the next one ends the loop with that attempt's outcome (stop reason `breaker`). So a
-    failed response is held across the backoff: a body read whole stays in memory (its connection
-    back in the pool), any other response stays open until the retry replaces it.
+    refuses the next one ends the loop with that attempt's outcome (stop reason `breaker`), unless
+    a later upstream takes it. So a failed response is held across the backoff: a body read whole
+    stays in memory (its connection back in the pool), any other response stays open until the
+    retry replaces it. Moving to the next upstream (a failover) happens at once, without a backoff.
     """
-    breaker = route.breaker
     route.budget.deposit()
-    attempt = 0
+    attempt = u = 0  # attempts made; the upstream they go to
     outcome: Outcome | None = None  # the one response held open, discarded if anything raises
     try:
         while True:
+            breaker = route.breakers[u]
             permit = breaker.allow()
             if permit is None:
+                skip = next_upstream(route.failover_on, Category.CIRCUIT_OPEN, u, len(endpoints),
+                                     lambda i: route.breakers[i].admits(clock()))
+                if skip is not None:  # skipped without an attempt: no budget, no wait
+                    emit(FailoverEvent(route.name, ex.request_id, endpoints[u].name, endpoints[skip].name,
+                                       Category.CIRCUIT_OPEN, attempt))
+                    u = skip
+                    continue
                 if outcome is None:
                     return Outcome.never_sent(route)
                 outcome.stop = StopReason.BREAKER  # opened during the wait: the last answer stands
@@ -114,23 +127,24 @@ async def run(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Em
                 outcome.discard()
                 outcome = None
             attempt += 1
-            outcome = await _attempt(client, route, ex, emit, permit, attempt, clock)
+            outcome = await _attempt(endpoints[u], route, ex, emit, permit, attempt, clock, u)
             category = outcome.verdict.category
             if category == "ok":
                 return outcome
-            up = outcome.response
-            decision = decide(route.retry, outcome.verdict, attempt=attempt, replayable=ex.body.replayable,
-                              upstream_forbids=up is not None and up.headers.get("x-should-retry") == "false",
-                              hint=parse_retry_after(up.headers, time.time()) if up is not None else None,
-                              remaining=ex.deadline - clock(), budget=route.budget, rng=rng,
-                              admits=lambda delay: breaker.admits(clock() + delay))
+            decision = _next(route, ex, outcome, len(endpoints), clock, rng)
+            if isinstance(decision, Failover):
+                emit(FailoverEvent(route.name, ex.request_id, endpoints[u].name, endpoints[decision.to].name,
+                                   category, attempt))
+                u = decision.to
+                continue
             if not isinstance(decision, RetryAfter):
                 outcome.stop = decision.reason
                 return outcome
+            up = outcome.response
             if outcome.complete and up is not None:
                 up.release()  # read whole: keep the bytes, not the connection, across the wait
             emit(RetryScheduled(route.name, attempt, category, up.status if up is not None else None,
-                                decision.delay, decision.reason, decision.source, ex.request_id))
+                                decision.delay, decision.reason, decision.source, ex.request_id, endpoints[u].name))
             await sleep(decision.delay)
     except BaseException:
         if outcome is not None:
@@ -138,30 +152,50 @@ async def run(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Em
         raise
 
 
-async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emit: Emitter, permit: Permit,
-                   attempt: int, clock: Callable[[], float]) -> Outcome:
+def _next(route: RoutePolicy, ex: Exchange, outcome: Outcome, count: int, clock: Callable[[], float],
+          rng: Random) -> Failover | RetryAfter | Stop:
+    """After a failed attempt: the next upstream at once, the same one after a wait, or stop (the
+    pure decisions of proxy.retry, asked with the live breakers, budget and clock)."""
+    u, up, breakers = outcome.upstream, outcome.response, route.breakers
+    remaining = ex.deadline - clock()
+    if count > 1:
+        moved = decide_failover(route.retry, route.failover_on, outcome.verdict, current=u, count=count,
+                                attempt=outcome.attempts, replayable=ex.body.replayable, remaining=remaining,
+                                budget=route.budget, admits=lambda i: breakers[i].admits(clock()))
+        if moved is not None:
+            return moved
+    return decide(route.retry, outcome.verdict, attempt=outcome.attempts, replayable=ex.body.replayable,
+                  upstream_forbids=up is not None and up.headers.get("x-should-retry") == "false",
+                  hint=parse_retry_after(up.headers, time.time()) if up is not None else None,
+                  remaining=remaining, budget=route.budget, rng=rng,
+                  admits=lambda delay: breakers[u].admits(clock() + delay))
+
+
+async def _attempt(endpoint: Endpoint, route: RoutePolicy, ex: Exchange, emit: Emitter, permit: Permit,
+                   attempt: int, clock: Callable[[], float], u: int) -> Outcome:
     """One upstream call up to its classified response headers. The breaker hears of it here (a long
     stream must not hold the probe), except an ordinary stream: it hears of that once, at its end
     (stream_ended), so a stream cut after its headers is one failure, not a success and a failure."""
-    breaker = route.breaker
+    breaker = route.breakers[u]
     began = clock()
     timeout = route.timeout if attempt == 1 else aiohttp.ClientTimeout(
         total=max(ex.start + route.total - began, 0.001), sock_connect=route.connect, sock_read=route.first_byte)
     up: UpstreamResponse | None = None
     try:
-        up = await send(client, ex.method, ex.url, ex.headers, ex.body, timeout)
+        up = await send(endpoint.pool, ex.method, ex.urls[u] if u else ex.url, endpoint.headers(ex.headers), ex.body,
+                        timeout)
         why = unrelayable(up.reason, up.headers)
         if why is not None:
             raise UnrelayableResponse(why)
         prefetched, complete = await _prefetch(up, ex.method)
         verdict = _small_stream(ex, up, prefetched) if complete else None
         verdict = verdict or classify_status(up.status, prefetched)
-        outcome = Outcome(attempt, verdict, None, up, prefetched, complete)
+        outcome = Outcome(attempt, verdict, None, up, prefetched, complete, upstream=u)
     except UPSTREAM_ERRORS + (UnrelayableResponse,) as exc:
         if up is not None:
             up.close()
             up = None
-        outcome = Outcome(attempt, Verdict(classify_exception(exc)), None, error=exc)
+        outcome = Outcome(attempt, Verdict(classify_exception(exc)), None, error=exc, upstream=u)
     except BaseException:
         breaker.release(permit)
         if up is not None:
@@ -176,13 +210,18 @@ async def _attempt(client: UpstreamClient, route: RoutePolicy, ex: Exchange, emi
         breaker.record(category, permit)
     emit(AttemptFinished(route.name, attempt, category, up.status if up is not None else None, clock() - began,
                          _header_int(up, "x-ratelimit-remaining-requests"),
-                         _header_int(up, "x-ratelimit-remaining-tokens")))
+                         _header_int(up, "x-ratelimit-remaining-tokens"), endpoint.name))
     return outcome
 
 
 def refused(route: RoutePolicy, now: float) -> Outcome | None:
-    """Asked before the request body is read: an open breaker answers at once, without reading it."""
-    return None if route.breaker.admits(now) else Outcome.never_sent(route)
+    """Asked before the request body is read: open breakers answer at once, without reading it; on a
+    route that fails over on circuit_open, only when every upstream's breaker refuses."""
+    if route.breaker.admits(now):
+        return None
+    if route.multi and Category.CIRCUIT_OPEN in route.failover_on and any(b.admits(now) for b in route.breakers):
+        return None
+    return Outcome.never_sent(route)
 
 
 def stream_ended(route: RoutePolicy, outcome: Outcome, category: Category, aborted: bool, complete: bool) -> None:
@@ -190,7 +229,7 @@ def stream_ended(route: RoutePolicy, outcome: Outcome, category: Category, abort
     when it ends, and any success cut after its headers (a probe was recorded at them). A client
     that leaves mid-stream (neither aborted nor complete) says nothing about the upstream."""
     if (outcome.deferred and complete) or (aborted and outcome.verdict.category is Category.OK):
-        route.breaker.record(category)
+        route.breakers[outcome.upstream].record(category)
 
 
 def _small_stream(ex: Exchange, up: UpstreamResponse, body: bytes | None) -> Verdict | None:

@@ -60,13 +60,14 @@ class _ClockStorage(pybreaker.CircuitMemoryStorage):
 class Breaker(pybreaker.CircuitBreakerListener):
     """One route's (or one group's) breaker; it listens to its own pybreaker for state changes."""
 
-    __slots__ = ("name", "routes", "settings", "_cb", "_storage", "_count", "_probing", "_notify")
+    __slots__ = ("name", "routes", "upstream", "settings", "_cb", "_storage", "_count", "_probing", "_notify")
 
     def __init__(self, name: str, routes: tuple[str, ...], *, failure_threshold: int, reset_timeout: float,
                  count: frozenset[Category], clock: Callable[[], float],
-                 notify: Callable[[BreakerChange], None] = lambda change: None) -> None:
+                 notify: Callable[[BreakerChange], None] = lambda change: None, upstream: str = "default") -> None:
         self.name = name
         self.routes = routes
+        self.upstream = upstream  # the one upstream whose calls it judges, for its routes
         self.settings = (failure_threshold, reset_timeout, count)  # a reload keeps the breaker while these stay
         self._count = count
         self._probing = False
@@ -130,4 +131,4 @@ class Breaker(pybreaker.CircuitBreakerListener):
         if new_state.name == pybreaker.STATE_OPEN:
             self._probing = False
         old = _STATES[old_state.name] if old_state else State.CLOSED
-        self._notify(BreakerChange(self.name, self.routes, old, _STATES[new_state.name]))
+        self._notify(BreakerChange(self.name, self.routes, old, _STATES[new_state.name], self.upstream))

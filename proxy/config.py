@@ -5,25 +5,24 @@ Each value is typed by walking the Structs below, so an error names its key path
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import ssl
 import types
 import typing
-import urllib.request
 from collections.abc import Iterable
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Any, Literal, NewType, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 import yaml
 from yarl import URL
 
-from .masking import mask
+from .masking import Secret
 from .routes import DEFAULT_ROUTE, PathPattern, Route, RouteTable, compile_path
 from .units import Duration, Size, format_duration, format_size, to_duration, to_size
+from .upstreams import (DEFAULT_UPSTREAM, CaFile, Credential, ForwardProxy, HttpUrl, NamedUpstream, Problem,
+                        UpstreamName, ca_file, check_failover_on, check_upstream_list, credential,
+                        forward_proxy_setting, http_url, object_path, proxy_via)
 
 
 class ConfigError(Exception):
@@ -33,9 +32,6 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {key_path}: {message}" if key_path else f"{source}: {message}")
 
 
-HttpUrl = NewType("HttpUrl", str)  # checked by _url; a plain str at run time
-ForwardProxy = NewType("ForwardProxy", str)  # none, env or http://[user:pass@]host:port (_forward_proxy)
-CaFile = NewType("CaFile", str)  # a readable PEM file of CA certificates (_ca_file)
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535, description="a port number")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 RouteName = Annotated[str, msgspec.Meta(pattern=rf"^(?!{DEFAULT_ROUTE}\Z)[A-Za-z0-9_.-]+\Z",
@@ -43,56 +39,16 @@ RouteName = Annotated[str, msgspec.Meta(pattern=rf"^(?!{DEFAULT_ROUTE}\Z)[A-Za-z
 Method = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]+\Z", description="an upper-case HTTP method")]
 CategoryName = Literal["connect", "network", "timeout", "server", "rate_limit", "quota_exceeded",
                        "authentication", "client", "invalid_response"]
+FailoverCategory = Literal[CategoryName, "circuit_open"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "console"]
 Override = tuple[str, tuple[str, ...], Any]  # (source label, key path, value): a flag or variable
 _NOUNS = {int: "an integer", float: "a number", str: "a string", dict: "a mapping"}  # for error messages
 
 
-def _url(value: Any) -> str:
-    with contextlib.suppress(TypeError, ValueError):  # not a string, or not a URL
-        if (u := URL(value)).scheme in ("http", "https") and u.host and not u.query_string and not u.fragment:
-            return value
-    raise ValueError(f"expected an http:// or https:// base URL without query, got {value!r}")
-
-
-def _proxy_url(value: str) -> URL:
-    """An http:// forward proxy URL (ValueError otherwise; the message never holds its credentials)."""
-    try:
-        u = URL(value)
-    except (TypeError, ValueError):
-        u = URL()
-    if u.scheme != "http" or not u.host or u.path not in ("", "/") or u.query_string or u.fragment:
-        why = (f"a forward proxy must be http://, not {u.scheme}://" if u.scheme and u.scheme != "http" and u.host
-               else "expected none, env or http://[user:password@]host:port")
-        raise ValueError(f"{why}, got {mask(value)!r}")
-    return u
-
-
-def _forward_proxy(value: Any) -> str:
-    if value is None or value in ("none", "env"):
-        return value or "none"
-    _proxy_url(str(value))
-    return str(value)
-
-
-def _ca_file(value: Any) -> str:
-    """A file of PEM CA certificates, loaded once here so a bad one fails at startup, not on the first request."""
-    try:
-        text = Path(value).read_text(encoding="ascii")
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
-    except FileNotFoundError:
-        raise ValueError(f"file not found: {value!r}") from None
-    except (ssl.SSLError, ValueError):  # an SSLError is an OSError; ValueError: no certificate, or not ASCII
-        raise ValueError(f"{value!r} holds no PEM certificate (expected -----BEGIN CERTIFICATE----- blocks)") from None
-    except OSError as exc:
-        raise ValueError(f"cannot read {value!r} ({type(exc).__name__})") from None
-    return str(value)
-
-
 # Types msgspec cannot check itself: each parser raises ValueError with the whole message.
-_PARSE = {Duration: to_duration, Size: to_size, HttpUrl: _url, PathPattern: compile_path,
-          ForwardProxy: _forward_proxy, CaFile: _ca_file}
+_PARSE = {Duration: to_duration, Size: to_size, HttpUrl: http_url, PathPattern: compile_path,
+          ForwardProxy: forward_proxy_setting, CaFile: ca_file}
 BUILTIN: Any = msgspec.UNSET  # a field's default: its value is written in proxy/default.yaml
 
 
@@ -163,11 +119,14 @@ class Breaker(_Section):
 
 
 class Policy(_Section):
-    """What a route does: its timeouts, retry policy and breaker, merged over `defaults`."""
+    """What a route does: its timeouts, retry policy and breaker, merged over `defaults`, and the
+    upstreams it tries in order, moving on at once after a failure of a `failover_on` category."""
 
     timeouts: Timeouts = BUILTIN
     retry: Retry = BUILTIN
     breaker: Breaker = BUILTIN
+    upstreams: tuple[UpstreamName, ...] = BUILTIN
+    failover_on: tuple[FailoverCategory, ...] = BUILTIN
 
 
 class Log(_Section):
@@ -189,6 +148,8 @@ class _RouteSpec(msgspec.Struct, frozen=True, kw_only=True):
     timeouts: dict[str, Any] | None = None  # merged over `defaults` before they are typed
     retry: dict[str, Any] | None = None
     breaker: dict[str, Any] | None = None
+    upstreams: list[Any] | None = None
+    failover_on: list[Any] | None = None
 
 
 class _File(msgspec.Struct, frozen=True, kw_only=True):
@@ -197,6 +158,7 @@ class _File(msgspec.Struct, frozen=True, kw_only=True):
     listen: Listen
     admin: Admin
     upstream: Upstream
+    upstreams: dict[UpstreamName, NamedUpstream]
     defaults: Policy
     routes: list[_RouteSpec]
     log: Log
@@ -211,6 +173,7 @@ class ProxyConfig(_File, frozen=True, kw_only=True):
     routes: RouteTable[Policy]  # type: ignore[assignment]  # retyped: the file's list, compiled
     shutdown_grace: float  # a plain float from here on: JSON logs write it as a number
     source: str  # the file it came from, or "built-in defaults"
+    credentials: dict[str, Credential]  # upstream name -> the header sent instead of the client's (no repr)
 
 
 def _typed(tp: Any, value: Any, path: str, source: str, strict: bool = True) -> Any:
@@ -227,6 +190,11 @@ def _typed(tp: Any, value: Any, path: str, source: str, strict: bool = True) -> 
     origin, args = get_origin(tp), get_args(tp)
     if origin in (types.UnionType, typing.Union):  # `X | None` (a NewType's `|` makes a typing.Union)
         return None if value is None else _typed(args[0], value, path, source, strict)
+    if origin is dict:  # `upstreams`: names -> sections
+        if not isinstance(value, dict):
+            raise ConfigError(source, path, f"expected a mapping, got {value!r}")
+        return {_typed(args[0], k, f"{path}.{k}", source): _typed(args[1], v, f"{path}.{k}", source, strict)
+                for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, list):
             raise ConfigError(source, path, f"expected a list, got {value!r}")
@@ -284,26 +252,64 @@ def _check_policy(policy: Policy, key: str, source: str) -> None:
     if (b := policy.retry.backoff).max < b.initial:
         raise ConfigError(source, f"{key}.retry.backoff.max",
                           f"must not be less than backoff.initial ({format_duration(b.initial)})")
+    try:
+        check_failover_on(policy.failover_on)
+    except Problem as p:
+        raise ConfigError(source, f"{key}.failover_on{p.key}", p.message) from None
+
+
+def _check_upstreams(route: Route[Policy], key: str, own: bool, known: frozenset[str], source: str) -> None:
+    """`key` is the route's (`routes[3]`), or `defaults` for the default route; `own`: the route
+    sets `upstreams` itself, else it inherits defaults.upstreams."""
+    try:
+        check_upstream_list(route.policy.upstreams, known, object_path=object_path(route.pattern))
+    except Problem as problem:
+        where = f"{key}.upstreams{problem.key}" if own else key
+        inherited = "" if own else " (from defaults.upstreams)"
+        raise ConfigError(source, where, f"route {route.name!r}{inherited}: {problem.message}") from None
+
+
+def _credentials(top: _File, source: str) -> dict[str, Credential]:
+    """Each upstream's secret, read now (startup, reload): a missing one stops the config here."""
+    if DEFAULT_UPSTREAM in top.upstreams:
+        raise ConfigError(source, f"upstreams.{DEFAULT_UPSTREAM}", "the name 'default' is the upstream of the "
+                          "`upstream:` section; give this one another name (e.g. primary)")
+    out = {}
+    for name, entry in top.upstreams.items():
+        forward_proxy(top.upstream, entry.url)  # a bad https_proxy fails here, as a bad file would
+        if entry.auth is not None:
+            try:
+                out[name] = credential(entry.auth)
+            except Problem as p:
+                raise ConfigError(source, f"upstreams.{name}.auth{'.' if p.key else ''}{p.key}", p.message) from None
+    return out
 
 
 def _build_routes(top: _File, defaults_raw: dict[str, Any], source: str) -> RouteTable[Policy]:
     """Each route's sections merged over `defaults`, then typed; one breaker group has one configuration."""
     routes: list[Route[Policy]] = []
+    known = frozenset(top.upstreams) | {DEFAULT_UPSTREAM}
+    default = Route(DEFAULT_ROUTE, None, None, top.defaults)
+    _check_upstreams(default, "defaults", True, known, source)
     for i, spec in enumerate(top.routes):
         key = f"routes[{i}]"
         if any(r.name == spec.name for r in routes):
             raise ConfigError(source, f"{key}.name", f"duplicate route name {spec.name!r}")
-        sections = {k: v for k in ("timeouts", "retry", "breaker") if (v := getattr(spec, k)) is not None}
+        sections = {k: v for k in _POLICY_KEYS if (v := getattr(spec, k)) is not None}
         policy = _typed(Policy, _merge(defaults_raw, sections), key, source) if sections else top.defaults
         _check_policy(policy, key, source)
         routes.append(Route(spec.name, None if spec.methods is None else frozenset(spec.methods), spec.path, policy))
+        _check_upstreams(routes[-1], key, spec.upstreams is not None, known, source)
     groups: dict[str, tuple[str, Breaker]] = {}
     for key, b in [*((f"routes[{i}]", r.policy.breaker) for i, r in enumerate(routes)),
                    ("defaults", top.defaults.breaker)]:
         if b.group is not None and (first := groups.setdefault(b.group, (key, b)))[1] != b:
             raise ConfigError(source, f"{key}.breaker", f"breaker group {b.group!r} is set up differently in "
                                                         f"{first[0]}.breaker; a group has one configuration")
-    return RouteTable(routes, Route(DEFAULT_ROUTE, None, None, top.defaults))
+    return RouteTable(routes, default)
+
+
+_POLICY_KEYS = ("timeouts", "retry", "breaker", "upstreams", "failover_on")  # a route's, over `defaults`
 
 
 def read_yaml(path: str, text: str | None = None) -> dict[str, Any]:
@@ -335,49 +341,21 @@ def load(path: str | None, overrides: Iterable[Override] = ()) -> ProxyConfig:
     _check_policy(top.defaults, "defaults", source)
     table = _build_routes(top, raw["defaults"], source)
     forward_proxy(top.upstream)  # a bad https_proxy fails here, as a bad file would
-    fields = msgspec.structs.asdict(top) | {"routes": table, "shutdown_grace": float(top.shutdown_grace)}
-    return ProxyConfig(**fields, source=source)
+    credentials = _credentials(top, source)
+    upstreams = {name: msgspec.structs.replace(u, max_connections=u.max_connections or top.upstream.max_connections)
+                 for name, u in top.upstreams.items()}
+    fields = msgspec.structs.asdict(top) | {"routes": table, "shutdown_grace": float(top.shutdown_grace),
+                                            "upstreams": upstreams}
+    return ProxyConfig(**fields, source=source, credentials=credentials)
 
 
-def forward_proxy(upstream: Upstream) -> URL | None:
-    """The forward proxy to reach upstream.url through, or None (direct). `env` reads https_proxy /
-    http_proxy / no_proxy as urllib and curl do: lower case first, then upper; a value without a scheme
-    is http://. A bad value is a ConfigError naming the variable, never its credentials."""
-    if upstream.proxy != "env":
-        return None if upstream.proxy == "none" else _proxy_url(upstream.proxy)
-    url = URL(upstream.url)
-    found = urllib.request.getproxies_environment()
-    value = found.get(url.scheme)
-    if not value or urllib.request.proxy_bypass_environment(url.host_port_subcomponent or "", found):
-        return None
-    name = next((n for n in (f"{url.scheme}_proxy", f"{url.scheme.upper()}_PROXY") if os.environ.get(n)), "")
+def forward_proxy(upstream: Upstream, to: str | None = None) -> URL | None:
+    """The forward proxy to reach `to` (default upstream.url) through, or None (direct); a bad
+    https_proxy variable is a ConfigError naming it, never its credentials (upstreams.proxy_via)."""
     try:
-        return _proxy_url(value if "://" in value else f"http://{value}")
-    except ValueError as exc:
-        raise ConfigError(f"environment {name}", "", f"{exc} (upstream.proxy is env)") from None
-
-
-# What a running process cannot change: its sockets, its processes, its log setup and its drain timer.
-RESTART_KEYS = ("listen.host", "listen.port", "listen.max_connections", "admin.host", "admin.port", "workers",
-                "shutdown_grace", "log.level", "log.format")
-
-
-def changed_keys(old: ProxyConfig, new: ProxyConfig) -> list[str]:
-    """The top-level sections (or, for the RESTART_KEYS, the keys) whose effective values differ."""
-    a, b = effective(old), effective(new)
-    out = [key for key in RESTART_KEYS if _at(a, key) != _at(b, key)]
-    return out + [key for key in b if key not in ("listen", "admin", "log") and key not in RESTART_KEYS
-                  and a.get(key) != b[key]]
-
-
-def pinned(new: ProxyConfig, running: ProxyConfig) -> ProxyConfig:
-    """`new` as a running process applies it: with its running values of the RESTART_KEYS' sections."""
-    return msgspec.structs.replace(new, listen=running.listen, admin=running.admin, log=running.log,
-                                   workers=running.workers, shutdown_grace=running.shutdown_grace)
-
-
-def _at(tree: dict[str, Any], dotted: str) -> Any:
-    return functools.reduce(lambda node, key: node[key], dotted.split("."), tree)
+        return proxy_via(upstream.proxy, to or upstream.url)
+    except Problem as p:
+        raise ConfigError(p.key, "", p.message) from None
 
 
 def _spelled(obj: Any) -> Any:
@@ -386,6 +364,8 @@ def _spelled(obj: Any) -> Any:
         return format_duration(obj)
     if isinstance(obj, Size):
         return format_size(obj)
+    if isinstance(obj, Secret):
+        return "***"
     if isinstance(obj, RouteTable):
         return [{"name": r.name, "path": r.pattern.text if r.pattern else None,
                  **({} if r.methods is None else {"methods": sorted(r.methods)}), **msgspec.structs.asdict(r.policy)}
@@ -396,5 +376,5 @@ def _spelled(obj: Any) -> Any:
 def effective(config: ProxyConfig) -> dict[str, Any]:
     """The effective config as plain data: what --check-config prints and the startup log shows."""
     out: dict[str, Any] = msgspec.to_builtins(config, enc_hook=_spelled)
-    del out["source"]
+    del out["source"], out["credentials"]  # the auth sections say where each secret comes from, not what it is
     return out | {"shutdown_grace": format_duration(config.shutdown_grace)}

@@ -114,8 +114,12 @@ def _seconds(s: float) -> str:
     return f"{s:.0f}s" if s >= 10 else f"{s:.2g}s" if s >= 0.01 else f"{s * 1000:.0f}ms"
 
 
-def circuit_open(breaker: str, retry_after: int, headers: Mapping[str, str]) -> ProxyError:
-    """The fast refusal while a breaker is open: `retry-after` tells the SDK how long to wait."""
-    message = (f"The circuit breaker {breaker!r} is open after repeated upstream failures, so the proxy did not "
+def circuit_open(breaker: str, retry_after: int, headers: Mapping[str, str],
+                 upstreams: tuple[str, ...] = ()) -> ProxyError:
+    """The fast refusal while a breaker is open (on a failover route, the breaker of every upstream):
+    `retry-after` tells the SDK how long to wait."""
+    which = f"The circuit breaker {breaker!r} is open" if len(upstreams) < 2 else \
+        f"The circuit breakers of {breaker!r} are open for every upstream ({', '.join(upstreams)})"
+    message = (f"{which} after repeated upstream failures, so the proxy did not "
                f"send this request; retry after {retry_after}s.")
     return ProxyError(*STATUS_AND_CODE[Category.CIRCUIT_OPEN], message, {**headers, "retry-after": str(retry_after)})

@@ -29,6 +29,7 @@ class AttemptFinished(NamedTuple):
     duration_s: float
     remaining_requests: int | None = None  # x-ratelimit-remaining-requests, when sent
     remaining_tokens: int | None = None  # x-ratelimit-remaining-tokens, when sent
+    upstream: str = "default"  # the upstream's name in the config
 
 
 class RetryScheduled(NamedTuple):
@@ -42,6 +43,18 @@ class RetryScheduled(NamedTuple):
     reason: str  # "backoff" or "retry_after"
     source: str  # "backoff", or the header the delay came from
     request_id: str | None = None  # the client request's id (x-proxy-request-id)
+    upstream: str = "default"  # the upstream the retry goes to again
+
+
+class Failover(NamedTuple):
+    """The loop moves to the next upstream of the route at once, without a backoff."""
+
+    route: str
+    request_id: str | None
+    source: str  # the upstream left ("from" in the log line)
+    target: str  # the upstream tried next ("to")
+    category: Category  # of the failed attempt, or circuit_open: `source` was skipped without one
+    attempt: int  # attempts made so far
 
 
 class RequestFinished(NamedTuple):
@@ -64,6 +77,7 @@ class RequestFinished(NamedTuple):
     client_sdk: str | None  # from x-stainless-lang / x-stainless-package-version
     client_request_id: str | None  # x-client-request-id
     request_id: str | None = None  # sent back as x-proxy-request-id: the client's, or generated; never key-shaped
+    upstream: str | None = None  # the upstream of the last attempt (None: none was made)
 
 
 class BreakerState(enum.IntEnum):
@@ -81,6 +95,7 @@ class BreakerChange(NamedTuple):
     routes: tuple[str, ...]
     old: BreakerState
     new: BreakerState
+    upstream: str = "default"  # a breaker guards its routes' calls to one upstream
 
 
 class ConfigReloaded(NamedTuple):
@@ -91,9 +106,11 @@ class ConfigReloaded(NamedTuple):
     changed: tuple[str, ...]  # sections (or restart keys) whose effective values differ
     restart_required: tuple[str, ...]  # of those, the ones a running process cannot apply
     routes: tuple[str, ...]
+    pairs: tuple[tuple[str, str], ...] = ()  # every (route, upstream) it may call: their metrics too
 
 
-Event = RequestStarted | AttemptFinished | RetryScheduled | RequestFinished | BreakerChange | ConfigReloaded
+Event = (RequestStarted | AttemptFinished | RetryScheduled | RequestFinished | BreakerChange | Failover
+         | ConfigReloaded)
 Observer = Callable[[Event], None]
 EVENT_TYPES: tuple[type, ...] = get_args(Event)
 

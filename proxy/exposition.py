@@ -14,23 +14,24 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.utils import floatToGoString
 
 from . import __version__, metrics
-from .metrics import HEAD, OFF, MetricsStore, Snapshot, block_size, hist_size, read_snapshot
+from .metrics import HEAD, OFF, PAIR_BLOCK, PAIR_OFF, MetricsStore, Pair, Snapshot, block_size, hist_size, read_snapshot
 
 _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
 _LABELLED = ((metrics.REQUESTS, "requests", metrics.STATUS_CLASSES),
              (metrics.ERRORS, "errors", metrics.ERROR_CATEGORIES),
-             (metrics.ATTEMPTS, "attempts", metrics.ATTEMPT_CATEGORIES),
              (metrics.RETRIES, "retries", metrics.ATTEMPT_CATEGORIES), (metrics.STOPS, "stops", metrics.STOP_REASONS))
 _REMAINING = ((metrics.REMAINING_REQUESTS, OFF["remaining_requests"], OFF["remaining_requests_at"]),
               (metrics.REMAINING_TOKENS, OFF["remaining_tokens"], OFF["remaining_tokens_at"]))
-_USED, _IN_FLIGHT, _BREAKER = OFF["used"], OFF["in_flight"], OFF["breaker"]
+_USED, _IN_FLIGHT, _BREAKER = OFF["used"], OFF["in_flight"], PAIR_OFF["breaker"]
 
 
 class Combined(NamedTuple):
-    """Route name -> one block laid out for `bounds` (the bucket bounds every snapshot has)."""
+    """Route name -> one block laid out for `bounds` (the bucket bounds every snapshot has), and
+    (route, upstream) -> one pair block."""
 
     bounds: tuple[float, ...]
     routes: dict[str, list[float]]
+    pairs: dict[Pair, list[float]] = {}
 
 
 def _fold(src: tuple[float, ...], dst: tuple[float, ...]) -> list[tuple[int, int]]:
@@ -51,33 +52,46 @@ def combine(snapshots: Iterable[tuple[Snapshot, bool]]) -> Combined:
     snaps = list(snapshots)
     bounds = tuple(sorted(set.intersection(*(set(s.bounds) for s, _ in snaps)))) if snaps else ()
     out: dict[str, list[float]] = {}
+    pairs: dict[Pair, list[float]] = {}
     for snap, live in snaps:
+        after = block_size(snap.bounds) * len(snap.routes)
+        for k, pair in enumerate(snap.pairs):
+            src = snap.slots[after + k * PAIR_BLOCK:after + (k + 1) * PAIR_BLOCK]
+            c = pairs.setdefault(pair, [0.0] * PAIR_BLOCK)
+            for i in range(_BREAKER):  # the counters
+                c[i] += src[i]
+            if live:
+                c[_BREAKER] = max(c[_BREAKER], src[_BREAKER])
         s, n, fold = snap.slots, block_size(snap.bounds), _fold(snap.bounds, bounds)
-        for name, i in zip(snap.routes, range(0, len(s), n)):
+        for name, i in zip(snap.routes, range(0, after, n)):
             src, c = s[i:i + n], out.setdefault(name, [0.0] * block_size(bounds))
             for a, b in fold:
                 c[b] += src[a]
             if live:
                 c[_IN_FLIGHT] += src[_IN_FLIGHT]
-                c[_BREAKER] = max(c[_BREAKER], src[_BREAKER])
                 for _, value, at in _REMAINING:
                     if src[at] > c[at]:
                         c[at], c[value] = src[at], src[value]
-    return Combined(bounds, out)
+    return Combined(bounds, out, pairs)
 
 
 def families(combined: Combined) -> list[Metric]:
-    """The contract's families. Every route shows its breaker, in-flight and transitions; one that has
+    """The contract's families. Every (route, upstream) shows its breaker and transitions, every route
+    its in-flight; one that has
     had a request every other counter series (zeros too, so a first error is a rate, not a new
     series) and both outcomes of its histogram; a rate-limit gauge once the upstream has sent it."""
     out = {fam: _KINDS[fam.kind](fam.name, fam.help, labels=fam.labels) for fam in metrics.FAMILIES}
     out[metrics.BUILD_INFO].add_metric([__version__], 1)
     le = [floatToGoString(b) for b in combined.bounds] + ["+Inf"]
-    for name, c in combined.routes.items():
-        out[metrics.BREAKER].add_metric([name], c[_BREAKER])
-        out[metrics.IN_FLIGHT].add_metric([name], c[_IN_FLIGHT])
+    for (name, upstream), c in combined.pairs.items():
+        out[metrics.BREAKER].add_metric([name, upstream], c[_BREAKER])
         for i, to in enumerate(metrics.TRANSITION_STATES):
-            out[metrics.TRANSITIONS].add_metric([name, to], c[OFF["transitions"] + i])
+            out[metrics.TRANSITIONS].add_metric([name, upstream, to], c[PAIR_OFF["transitions"] + i])
+        if combined.routes.get(name, [0.0])[_USED]:
+            for i, category in enumerate(metrics.ATTEMPT_CATEGORIES):
+                out[metrics.ATTEMPTS].add_metric([name, upstream, category], c[PAIR_OFF["attempts"] + i])
+    for name, c in combined.routes.items():
+        out[metrics.IN_FLIGHT].add_metric([name], c[_IN_FLIGHT])
         for fam, value, at in _REMAINING:
             if c[at] > 0:
                 out[fam].add_metric([name], c[value])

@@ -26,10 +26,11 @@ from .headers import request_headers
 from .masking import mask
 from .policy import RoutePolicy
 from .relay import REQUEST_ID_HEADER, Delivery, deliver, send_error
-from .runtime import Runtime
+from .runtime import Runtime, Target
 from .upstream import UpstreamClient
 
 _CLIENT_ID_HEADERS = ("x-request-id", "x-client-request-id")
+UPSTREAM_HEADER = "x-proxy-upstream"  # on multi-upstream routes: the upstream of the last attempt
 # UUIDs, OpenAI-style req_... and most tracing ids fit; nothing that could split a header or a log line
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _random_bits = random.getrandbits
@@ -106,9 +107,10 @@ class Forwarder:
                     return await send_error(request, delivery, _body_error(exc, route).quoting(rid), Category.CLIENT,
                                             {REQUEST_ID_HEADER: rid})
                 ex = attempt.Exchange(request.method, target.path, target.url, request_headers(request.headers),
-                                      body, start, attempt.client_deadline(request.headers, start, route.total), rid)
+                                      body, start, attempt.client_deadline(request.headers, start, route.total), rid,
+                                      target.urls)
                 # the probe is taken in there, after the body is read: a stalled upload never holds it
-                outcome = await attempt.run(runtime.client, route, ex, self._emit,
+                outcome = await attempt.run(target.endpoints, route, ex, self._emit,
                                             clock=self._clock, rng=self._rng, sleep=self._sleep)
             extra = _coordination_headers(outcome, route, rid)
             ttfb = self._clock() - start
@@ -118,24 +120,28 @@ class Forwarder:
                                      route.idle, category, remaining=start + route.total - self._clock(),
                                      path=target.path)
             if category is Category.CIRCUIT_OPEN:
-                err = circuit_open(route.breaker.name, outcome.retry_after, extra)
+                err = circuit_open(route.breaker.name, outcome.retry_after, extra,
+                                   route.upstreams if Category.CIRCUIT_OPEN in route.failover_on else ())
             elif body is not None and isinstance(body.data, Upload) and body.data.error:  # the client's upload broke
                 return await send_error(request, delivery, _body_error(body.data.error, route).quoting(rid),
                                         Category.CLIENT, extra)
             else:
                 assert outcome.error is not None
-                err = upstream_failure(category, outcome.error, host=runtime.host, first_byte=route.first_byte,
+                host = target.endpoints[outcome.upstream].host
+                err = upstream_failure(category, outcome.error, host=host, first_byte=route.first_byte,
                                        total=route.total, attempts=outcome.attempts, elapsed=self._clock() - start,
                                        stop=outcome.stop, headers=extra)
             return await send_error(request, delivery, err.quoting(rid), category)
         finally:
             if outcome is not None and delivery.status is not None:
                 attempt.stream_ended(route, outcome, delivery.category, delivery.aborted, delivery.complete)
-            self._finished(request, rid, route, target.path, start, ttfb, body, outcome, delivery)
+            self._finished(request, rid, target, start, ttfb, body, outcome, delivery)
 
-    def _finished(self, request: web.BaseRequest, rid: str, route: RoutePolicy, path: str, start: float,
-                  ttfb: float | None, body: RequestBody | None, outcome: attempt.Outcome | None, d: Delivery) -> None:
+    def _finished(self, request: web.BaseRequest, rid: str, target: Target, start: float, ttfb: float | None,
+                  body: RequestBody | None, outcome: attempt.Outcome | None, d: Delivery) -> None:
         h = request.headers
+        route, path = target.route, target.path
+        upstream = target.endpoints[outcome.upstream].name if outcome is not None and outcome.attempts else None
         lang = h.get("x-stainless-lang")
         sdk = f"{lang}/{h.get('x-stainless-package-version', '?')}" if lang else None
         self._emit(RequestFinished(
@@ -144,7 +150,7 @@ class Forwarder:
             aborted=d.aborted or d.client_gone or not d.complete, duration_s=self._clock() - start, ttfb_s=ttfb,
             bytes_in=body.size if body else None, bytes_out=d.bytes_out, replayable=body.replayable if body else True,
             upstream_request_id=d.upstream_request_id, client_sdk=sdk, client_request_id=h.get("x-client-request-id"),
-            request_id=rid,
+            request_id=rid, upstream=upstream,
         ))
 
 
@@ -159,6 +165,8 @@ def _coordination_headers(outcome: attempt.Outcome, route: RoutePolicy, rid: str
     a failure the proxy's policy has run, unless the route has max_attempts 1. An open breaker ends the
     SDK's retries on every route (an SDK that obeyed its `retry-after` would sleep inside one call)."""
     extra = {"x-proxy-attempts": str(outcome.attempts), REQUEST_ID_HEADER: rid}
+    if route.multi and outcome.attempts:  # which account answered (a circuit_open went to none)
+        extra[UPSTREAM_HEADER] = route.upstreams[outcome.upstream]
     category = outcome.verdict.category
     if category is Category.CIRCUIT_OPEN or (category is not Category.OK and route.retry.retries_enabled):
         extra["x-should-retry"] = "false"

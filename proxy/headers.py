@@ -12,7 +12,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "trailers",
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}  # Expect: the proxy answers the 100 itself
 # The proxy's coordination headers are its own (design.md, client contract): the upstream's copies
 # never reach the client beside them. x-should-retry is replaced only when the proxy sets it.
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-proxy-attempts"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-proxy-attempts", "x-proxy-upstream"}
 # Connection values that name no other header, as senders spell them (an unusual spelling only takes
 # the slower path); an istr key skips multidict's case folding of the name.
 _PLAIN_CONNECTION = frozenset({"keep-alive", "Keep-Alive", "close", "Close", "upgrade", "Upgrade"})

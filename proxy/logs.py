@@ -2,8 +2,8 @@
 
 Chain: context -> level -> timestamp -> exception rendered -> secrets masked -> render. aiohttp's and
 asyncio's own stdlib records take the same chain (structlog's ProcessorFormatter), so nothing leaves
-unmasked. `LogObserver` writes one `request` line per request, one `retry` line per retry and one
-`breaker` line per state change.
+unmasked. `LogObserver` writes one `request` line per request, one `retry` line per retry, one
+`failover` line per move to another upstream and one `breaker` line per state change.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import structlog
 
-from .events import BreakerChange, ConfigReloaded, Event, RequestFinished, RetryScheduled
+from .events import BreakerChange, ConfigReloaded, Event, Failover, RequestFinished, RetryScheduled
 from .masking import mask, mask_event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -224,7 +224,7 @@ class LogObserver:
     """
 
     __slots__ = ("_log", "_fast", "_info")
-    event_types = (RequestFinished, RetryScheduled, BreakerChange, ConfigReloaded)  # the others: metrics only
+    event_types = (RequestFinished, RetryScheduled, BreakerChange, Failover, ConfigReloaded)  # others: metrics only
 
     def __init__(self, logger: Any = None, *, level: str = "info", fmt: str = "json") -> None:
         self._log = logger or get_logger()
@@ -244,7 +244,8 @@ class LogObserver:
                 "ttfb_ms": round(e.ttfb_s * 1000, 2) if e.ttfb_s is not None else None,
                 "bytes_in": e.bytes_in, "bytes_out": e.bytes_out, "replayable": e.replayable,
                 "upstream_request_id": mask(e.upstream_request_id), "client_sdk": mask(e.client_sdk),
-                "client_request_id": mask(e.client_request_id), "level": "info", "timestamp": _now(),
+                "client_request_id": mask(e.client_request_id), "upstream": e.upstream, "level": "info",
+                "timestamp": _now(),
             }
             if self._fast:
                 WRITER.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
@@ -253,10 +254,14 @@ class LogObserver:
         elif isinstance(e, RetryScheduled):
             self._log.info("retry", request_id=e.request_id, route=e.route, attempt=e.attempt,
                            category=e.category.value, upstream_status=e.status,
-                           delay_ms=round(e.delay_s * 1000, 1), reason=e.reason, delay_source=e.source)
+                           delay_ms=round(e.delay_s * 1000, 1), reason=e.reason, delay_source=e.source,
+                           upstream=e.upstream)
+        elif isinstance(e, Failover):
+            self._log.info("failover", request_id=e.request_id, route=e.route, attempt=e.attempt,
+                           category=e.category.value, **{"from": e.source, "to": e.target})
         elif isinstance(e, BreakerChange):
-            self._log.warning("breaker", breaker=e.breaker, routes=list(e.routes), old=e.old.name.lower(),
-                              new=e.new.name.lower())
+            self._log.warning("breaker", breaker=e.breaker, upstream=e.upstream, routes=list(e.routes),
+                              old=e.old.name.lower(), new=e.new.name.lower())
         elif isinstance(e, ConfigReloaded):  # a warning when part of it waits for a restart
             log = self._log.warning if e.restart_required else self._log.info
             log("config_reloaded", config_source=e.source, changed=list(e.changed),

@@ -36,6 +36,41 @@ _SLASH_LONG, _EQUALS_LONG = re.compile(r"/[A-Za-z0-9]{32}"), re.compile(r"=[A-Za
 
 _Text = TypeVar("_Text", str, None)
 
+# Secrets the config named (an upstream's injected credential): masked wherever they appear, whatever
+# their shape. Only ever added to: a secret replaced by a reload stays masked.
+_KNOWN: set[str] = set()
+_known: tuple[str, ...] = ()
+
+
+class Secret:
+    """A credential read from the environment or a file. Creating one (unpickling too: a worker gets
+    its config by pickle) registers it, so every mask() in the process hides it; its repr never shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        global _known
+        self._value = value
+        if value not in _KNOWN:
+            _KNOWN.add(value)
+            _known = tuple(sorted(_KNOWN, key=len, reverse=True))  # the longest first: one may hold another
+
+    def reveal(self) -> str:
+        """The value itself: only for the header sent upstream."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
+        return Secret, (self._value,)
+
 
 def mask_token(secret: str) -> str:
     """`sk-proj-abc...wxyz` -> `sk-...wxyz`; anything else -> `...wxyz` (or `...` when short)."""
@@ -59,7 +94,11 @@ def _may_hold_secret(text: str) -> bool:
 
 def mask(text: _Text) -> _Text:
     """Every secret in free text masked; None and "" pass through."""
-    if not text or not _may_hold_secret(text):
+    if not text:
+        return text
+    if _known:
+        text = _mask_known(text)
+    if not _may_hold_secret(text):
         return text
     text = _HEADER.sub(lambda m: m.group(1) + (m.group(2) or "") + mask_token(m.group(3)), text)
     text = _SK.sub(_masked, text)
@@ -68,6 +107,13 @@ def mask(text: _Text) -> _Text:
     text = _QUERY.sub(lambda m: m.group(1) + mask_token(m.group(2)), text)
     text = _LONG.sub(_random_masked, text)
     return _USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}:***@", text)
+
+
+def _mask_known(text: str) -> str:
+    for secret in _known:
+        if secret in text:
+            text = text.replace(secret, mask_token(secret))
+    return text
 
 
 def _masked(m: re.Match[str]) -> str:

@@ -28,10 +28,13 @@ class RoutePolicy:
     replay_limit: int
     timeout: aiohttp.ClientTimeout  # the first attempt's; retries get what is left of `total`
     budget: RetryBudget  # live: shared by every request of the route
-    breaker: Breaker  # live: the route's own, or its group's
+    breaker: Breaker  # live: the route's own, or its group's, for its first upstream (breakers[0])
+    upstreams: tuple[str, ...] = ("default",)  # tried in this order
+    breakers: tuple[Breaker, ...] = ()  # one per upstream, in that order
+    failover_on: frozenset[Category] = frozenset()
 
     @classmethod
-    def build(cls, name: str, p: Policy, clock: Callable[[], float], breaker: Breaker) -> RoutePolicy:
+    def build(cls, name: str, p: Policy, clock: Callable[[], float], breakers: tuple[Breaker, ...]) -> RoutePolicy:
         """sock_read starts as first_byte; the relay switches it to idle once the headers arrive."""
         t, r = p.timeouts, p.retry
         return cls(
@@ -40,8 +43,14 @@ class RoutePolicy:
             timeout=aiohttp.ClientTimeout(total=float(t.total), sock_connect=float(t.connect),
                                           sock_read=float(t.first_byte)),
             budget=RetryBudget(r.budget.ratio, r.budget.min_per_second, float(r.budget.window), clock),
-            breaker=breaker,
+            breaker=breakers[0], upstreams=p.upstreams, breakers=breakers,
+            failover_on=frozenset(map(Category, p.failover_on)),
         )
+
+    @property
+    def multi(self) -> bool:
+        """Several upstreams: responses name theirs (x-proxy-upstream)."""
+        return len(self.upstreams) > 1
 
 
 def compile_routes(config: ProxyConfig, clock: Callable[[], float],
@@ -50,26 +59,29 @@ def compile_routes(config: ProxyConfig, clock: Callable[[], float],
     """The config's route table with each policy compiled and given its live state. After a reload
     (`previous`), a breaker whose name, routes and settings did not change is kept, open or not, and
     so is the budget of a route whose name and budget settings did not: a reload must not reset an
-    outage's breaker nor hand a struggling route a fresh budget."""
+    outage's breaker nor hand a struggling route a fresh budget. A breaker is per (route or group,
+    upstream): one upstream's outage opens nothing for the others."""
     routes = [*config.routes.routes, config.routes.default]
     kept = [*previous.routes, previous.default] if previous is not None else []
-    old_breakers = {r.policy.breaker.name: r.policy.breaker for r in kept}
+    old_breakers = {(b.name, b.upstream): b for r in kept for b in r.policy.breakers}
     old_budgets = {r.name: r.policy.budget for r in kept}
-    groups: dict[str, list[Route[Policy]]] = {}  # breaker name -> its routes (config checks they agree)
+    groups: dict[tuple[str, str], list[Route[Policy]]] = {}  # breaker key -> its routes (config checks they agree)
     for r in routes:
-        groups.setdefault(r.policy.breaker.group or r.name, []).append(r)
-    breakers: dict[str, Breaker] = {}
+        for upstream in r.policy.upstreams:
+            groups.setdefault((r.policy.breaker.group or r.name, upstream), []).append(r)
+    breakers: dict[tuple[str, str], Breaker] = {}
     for key, members in groups.items():
         b = members[0].policy.breaker
-        breaker = Breaker(key, tuple(r.name for r in members), failure_threshold=b.failure_threshold,
+        breaker = Breaker(key[0], tuple(r.name for r in members), failure_threshold=b.failure_threshold,
                           reset_timeout=float(b.reset_timeout), count=frozenset(map(Category, b.count)),
-                          clock=clock, notify=notify)
+                          clock=clock, notify=notify, upstream=key[1])
         old = old_breakers.get(key)
         keep = old is not None and (old.routes, old.settings) == (breaker.routes, breaker.settings)
         breakers[key] = old if keep and old is not None else breaker
     compiled = []
     for r in routes:
-        policy = RoutePolicy.build(r.name, r.policy, clock, breakers[r.policy.breaker.group or r.name])
+        name = r.policy.breaker.group or r.name
+        policy = RoutePolicy.build(r.name, r.policy, clock, tuple(breakers[name, u] for u in r.policy.upstreams))
         if (budget := old_budgets.get(r.name)) is not None and budget.settings == policy.budget.settings:
             policy = dataclasses.replace(policy, budget=budget)
         compiled.append(Route(r.name, r.methods, r.pattern, policy))

@@ -38,6 +38,11 @@ class Stop:
 
 
 @dataclass(frozen=True, slots=True)
+class Failover:
+    to: int  # the index, in the route's upstreams, of the one to try next, at once
+
+
+@dataclass(frozen=True, slots=True)
 class RetryPolicy:
     max_attempts: int
     retry_on: frozenset[Category]
@@ -88,3 +93,39 @@ def decide(policy: RetryPolicy, verdict: Verdict, *, attempt: int, replayable: b
     if not budget.withdraw():
         return Stop(StopReason.BUDGET)
     return decision
+
+
+def next_upstream(failover_on: frozenset[Category], category: Category, current: int, count: int,
+                  admits: Callable[[int], bool]) -> int | None:
+    """The first upstream after `current` whose breaker admits a request now, if `category` fails
+    over; else None. Order is one way: an upstream left behind is not tried again by this request."""
+    if category not in failover_on:
+        return None
+    return next((i for i in range(current + 1, count) if admits(i)), None)
+
+
+def decide_failover(policy: RetryPolicy, failover_on: frozenset[Category], verdict: Verdict, *, current: int,
+                    count: int, attempt: int, replayable: bool, remaining: float, budget: RetryBudget,
+                    admits: Callable[[int], bool]) -> Failover | Stop | None:
+    """After failed attempt number `attempt` on upstream `current`: move on at once (Failover), stop,
+    or None: no other upstream takes this failure, and `decide` rules on retrying the same one.
+
+    What an upstream says of its own state (a 429 insufficient_quota, `x-should-retry: false`) does
+    not keep the request from another account. What protects the upstreams still holds: a failover is
+    an attempt (max_attempts counts them all) and a retry (it spends the route's budget), and a body
+    streamed through once is never sent to a second upstream.
+    """
+    if current + 1 >= count:
+        return None
+    target = next_upstream(failover_on, verdict.category, current, count, admits)
+    if target is None:
+        return None
+    if attempt >= policy.max_attempts:
+        return Stop(StopReason.LIMIT)
+    if not replayable:
+        return Stop(StopReason.NOT_REPLAYABLE)
+    if remaining <= 0:
+        return Stop(StopReason.DEADLINE)
+    if not budget.withdraw():
+        return Stop(StopReason.BUDGET)
+    return Failover(target)

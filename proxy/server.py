@@ -16,18 +16,16 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily
 
 from . import __version__
 from .app import TrafficServer, server_runner, standard_observers
-from .config import ConfigError, ProxyConfig, effective
+from .config import ProxyConfig, effective
 from .errors import ADMIN_METHOD, ADMIN_NOT_FOUND
 from .logs import WRITER, get_logger
-from .masking import mask
 from .process_metrics import process_collectors
+from .reload import Loader, Reloader
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-Loader = Callable[[], ProxyConfig]  # re-reads the config as at startup: the file, the environment, the flags
 
 
 class StartupError(Exception):
@@ -63,61 +61,6 @@ async def admin_runner(status: Callable[[], str], registry: CollectorRegistry) -
     runner = server_runner(handle, shutdown_timeout=1.0, access_log=None)
     await runner.setup()
     return runner
-
-
-class Reloader:
-    """Hot reload (SIGHUP, or the file watch): re-read and check the config, then hand a valid one to
-    the traffic listener (this process's, or every worker); an invalid one changes nothing and is
-    logged once, naming the file and key path."""
-
-    def __init__(self, config: ProxyConfig, loader: Loader, apply: Callable[[ProxyConfig], None],
-                 registry: CollectorRegistry) -> None:
-        self.config, self._load, self._apply = config, loader, apply
-        self._seen = self._signature()
-        self.results = {"ok": 0, "failed": 0}  # both series exist from the start: an alert can use increase()
-        registry.register(self)
-
-    def reload(self, trigger: str) -> None:
-        self._seen = self._signature()  # the file as this reload reads it: the watch waits for the next change
-        try:
-            config = self._load()
-        except ConfigError as exc:
-            self.results["failed"] += 1
-            get_logger().error("config_reload_failed", trigger=trigger, error=mask(str(exc)), kept="the running config")
-            return
-        try:
-            self._apply(config)
-        except Exception as exc:  # a bug, not a bad file: say so, and keep serving on the old config
-            self.results["failed"] += 1
-            get_logger().exception("config_reload_failed", trigger=trigger, error=f"applying it failed: {exc!r}",
-                                   kept="the running config")
-            return
-        self.results["ok"] += 1
-        self.config = config
-
-    def collect(self) -> list[CounterMetricFamily]:
-        """openai_proxy_config_reloads_total{result}, a collector as the others (no _created series)."""
-        family = CounterMetricFamily("openai_proxy_config_reloads", "Config reloads (SIGHUP or the file watch), "
-                                     "by result.", labels=["result"])
-        for result, n in self.results.items():
-            family.add_metric([result], n)
-        return [family]
-
-    def _signature(self) -> tuple[int, ...] | None:
-        """What changes when the file does: a ConfigMap volume swaps a symlink, so the inode changes."""
-        try:
-            st = os.stat(self.config.source)
-        except OSError:  # no file (built-in defaults), or mid-swap: look again next time
-            return None
-        return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
-
-    async def watch(self) -> None:
-        """While `reload.watch` is on, reload when the file changes (checked every `reload.interval`)."""
-        while True:
-            await asyncio.sleep(float(self.config.reload.interval))
-            now = self._signature() if self.config.reload.watch else None
-            if now is not None and now != self._seen:
-                self.reload("file_changed")
 
 
 def listen_error(host: str, port: int, exc: OSError) -> str:

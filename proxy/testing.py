@@ -550,13 +550,18 @@ class MockUpstream:
     """A fake api.openai.com on localhost; see the module docstring."""
 
     def __init__(self, *, sse_events: int = 5, sse_interval: float = 0.0, keepalive_timeout: float = 75.0,
-                 keep_received: bool = True, fault_keys: int = 10_000) -> None:
+                 keep_received: bool = True, fault_keys: int = 10_000, base_path: str = "") -> None:
         """``keepalive_timeout``: idle keep-alive connections are closed after this many seconds (a
         short one lets a test see a client's pooled connections go away).  ``keep_received=False``
         records nothing in ``received`` (a long soak would hold every request); counts still work.
-        ``fault_keys``: the most ``x-mock-key`` positions remembered; the least recently used goes first."""
+        ``fault_keys``: the most ``x-mock-key`` positions remembered; the least recently used goes first.
+        ``base_path`` (e.g. ``/openai/v1``, as Azure OpenAI's v1 endpoint): the API is served under it
+        (``/openai/v1/chat/completions``) and every other path is a 404; ``received`` keeps the paths as sent."""
         if fault_keys < 1:
             raise ValueError(f"fault_keys must be at least 1, got {fault_keys}")
+        if base_path and (not base_path.startswith("/") or base_path.endswith("/")):
+            raise ValueError(f"base_path must start with '/' and not end with one, got {base_path!r}")
+        self.base_path = base_path
         self.sse_events = sse_events
         self.sse_interval = sse_interval
         self.keepalive_timeout = keepalive_timeout
@@ -743,7 +748,20 @@ class MockUpstream:
         if not ex.aborted and not self._closing:
             ex.rec.cancelled.set()
 
+    def _api_path(self, path: str) -> str | None:
+        """The OpenAI path (/v1/...) a request path stands for under ``base_path``; None: outside it."""
+        if not self.base_path:
+            return path
+        if path == self.base_path or path.startswith(self.base_path + "/"):
+            return "/v1" + path[len(self.base_path):]
+        return None
+
     async def _serve(self, ex: _Exchange) -> web.StreamResponse:
+        if self._api_path(ex.rec.path) is None:
+            await self._read_body(ex)
+            message = f"Not found: this mock serves the API under {self.base_path}"
+            return await self._send(ex, _Reply.json({"error": {
+                "message": message, "type": "invalid_request_error", "param": None, "code": "not_found"}}, 404))
         step = ex.rec.step
         if isinstance(step, Reset):
             await self._read_body(ex)
@@ -769,7 +787,7 @@ class MockUpstream:
     async def _normal_reply(self, ex: _Exchange) -> _Reply:
         wanted = "GET" if ex.request.method == "HEAD" else ex.request.method  # HEAD: GET's headers
         for method, pattern, handler in _ROUTES:
-            if wanted == method and (match := pattern.fullmatch(ex.rec.path)):
+            if wanted == method and (match := pattern.fullmatch(self._api_path(ex.rec.path) or "")):
                 return cast(_Reply, await getattr(self, handler)(ex, **match.groupdict()))
         return await self._echo(ex)
 
@@ -1158,6 +1176,8 @@ def _arguments() -> argparse.ArgumentParser:
                         help="content events in each streamed answer (default 5)")
     parser.add_argument("--sse-interval", type=_non_negative(float), default=0.0,
                         help="seconds between the events of a stream (default 0)")
+    parser.add_argument("--base-path", default="", help="serve the API under this path, as Azure OpenAI's "
+                                                        "/openai/v1 (default: /v1/... at the root)")
     return parser
 
 
@@ -1168,7 +1188,8 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C still ends asyncio.run
             loop.add_signal_handler(sig, stop.set)
-    mock = MockUpstream(sse_events=args.sse_events, sse_interval=args.sse_interval, keep_received=False)
+    mock = MockUpstream(sse_events=args.sse_events, sse_interval=args.sse_interval, keep_received=False,
+                        base_path=args.base_path.rstrip("/"))
     try:
         url = await mock.start(args.host, args.port)
     except OSError as exc:

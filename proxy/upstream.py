@@ -1,4 +1,4 @@
-"""The upstream side: one pool of keep-alive HTTP/1.1 connections (proxy.client) per process, one
+"""The upstream side: one pool of keep-alive HTTP/1.1 connections (proxy.client) per upstream, one
 attempt at a time. No retry logic lives here. Bodies pass byte-identical (nothing is decompressed),
 and nothing is added: no cookies, redirects, User-Agent, Accept or Content-Type.
 """
@@ -23,6 +23,7 @@ from .classify import UpstreamUnreachable
 from .client import EMPTY, Body, Connection, Response, request_head, tunnel_refusal
 from .config import ProxyConfig, forward_proxy
 from .headers import Headers
+from .upstreams import CLIENT_CREDENTIALS, BaseUrl, Credential
 
 _SMALL_WRITE = 2**16  # a bytes body up to this goes out in the head's write
 _DNS_TTL = 10.0  # seconds, as aiohttp's TCPConnector
@@ -263,13 +264,40 @@ UpstreamResponse = Response
 switch_to_idle_timeout = Response.set_read_timeout  # (resp, idle): after the headers, idle replaces first_byte
 
 
-def create_client(config: ProxyConfig) -> Pool:
-    """Inside the running loop (the app's cleanup_ctx): the pool binds to it."""
+def create_client(config: ProxyConfig, url: str | None = None, max_connections: int | None = None) -> Pool:
+    """The pool for `url` (default upstream.url), through upstream.proxy and trusting upstream.ca_file,
+    as every upstream is. Inside the running loop (the app's cleanup_ctx): the pool binds to it."""
     up, context = config.upstream, None
-    if up.ca_file is not None and URL(up.url).scheme == "https":
+    url = url or up.url
+    if up.ca_file is not None and URL(url).scheme == "https":
         context = ssl.create_default_context(cafile=up.ca_file)  # instead of the system store, as curl --cacert
         context.set_alpn_protocols(["http/1.1"])
-    return Pool(up.url, max_connections=up.max_connections, ssl_context=context, proxy=forward_proxy(up))
+    return Pool(url, max_connections=max_connections or up.max_connections, ssl_context=context,
+                proxy=forward_proxy(up, url))
+
+
+class Endpoint:
+    """One upstream as attempts use it: its pool, how a client path joins its URL, and the credential
+    header it gets instead of the client's (built once; its repr never shows the value)."""
+
+    __slots__ = ("name", "pool", "base", "host", "_credential", "_drop")
+
+    def __init__(self, name: str, pool: Pool, url: str, credential: Credential | None) -> None:
+        self.name, self.pool, self.base = name, pool, BaseUrl.of(url)
+        self.host = URL(url).host or url  # for error messages
+        self._credential = (credential.header, credential.value.reveal()) if credential is not None else None
+        self._drop = CLIENT_CREDENTIALS | {credential.header.lower()} if credential is not None else frozenset()
+
+    def headers(self, client: Headers) -> Headers:
+        """The client's headers as this upstream gets them: as they are, or with its own credential
+        in place of the client's."""
+        if self._credential is None:
+            return client
+        drop = self._drop
+        return [h for h in client if h[0].lower() not in drop] + [self._credential]
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.name!r}, {self.base.base!r}, credential={'***' if self._credential else None})"
 
 
 def send(client: UpstreamClient, method: str, url: URL, headers: Headers, body: RequestBody,

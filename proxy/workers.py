@@ -19,10 +19,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from .config import ProxyConfig, pinned
+from .config import ProxyConfig
 from .exposition import DirectoryCollector
 from .logs import configure, get_logger
 from .process_metrics import process_collectors
+from .reload import pinned
 from .server import StartupError, run_loop, serve_traffic_only
 
 _START_TIMEOUT = 30.0

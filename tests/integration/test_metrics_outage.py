@@ -32,8 +32,13 @@ def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+BY_UPSTREAM = {"openai_proxy_attempts_total", "openai_proxy_breaker_state", "openai_proxy_breaker_transitions_total"}
+
+
 def getter(got: dict, route: str = ROUTE):
     def v(name: str, **labels: str) -> float:
+        if name in BY_UPSTREAM:  # a route of one upstream: "default"
+            labels = {"upstream": "default", **labels}
         return got[(name, tuple(sorted({"route": route, **labels}.items())))]
     return v
 

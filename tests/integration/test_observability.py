@@ -19,7 +19,12 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 PATH = "/v1/chat/completions"
 
 
+BY_UPSTREAM = {"openai_proxy_attempts_total", "openai_proxy_breaker_state", "openai_proxy_breaker_transitions_total"}
+
+
 def value(proxy, name: str, **labels: str) -> float:
+    if name in BY_UPSTREAM:  # labelled by upstream too: a route of one upstream has "default"
+        labels = {"upstream": "default", **labels}
     v = proxy.registry.get_sample_value(name, labels)
     return 0.0 if v is None else v
 

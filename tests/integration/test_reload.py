@@ -197,3 +197,29 @@ async def test_breakers_and_budgets_survive_a_reload_unless_their_settings_chang
     text = generate_latest(proxy.registry).decode()
     assert _value(text, 'openai_proxy_requests_total{route="renamed_chat",status_class="2xx"}') == 1
     assert _value(text, 'openai_proxy_requests_total{route="chat_completions",status_class="5xx"}') == 2
+
+
+async def test_a_reload_keeps_each_unchanged_upstreams_pool_and_counts_a_new_one(tmp_path, mock, start_proxy):
+    """Failover's named upstreams: a pool is kept while its upstream's settings stay, a new upstream
+    gets a pool and its own metric series, and a removed one's pool stops pooling."""
+    async with MockUpstream() as second, MockUpstream() as third:
+        def upstreams(names: list[str]) -> dict:
+            urls = {"primary": mock.url, "secondary": second.url, "third": third.url}
+            return {"upstreams": {n: {"url": urls[n]} for n in names},
+                    "routes": [{"name": "chat", "methods": ["POST"], "path": "/v1/chat/completions",
+                                "upstreams": names}]}
+
+        proxy = await start_proxy(upstreams(["primary", "secondary"]))
+        server = proxy.server
+        before = dict(server.forwarder.runtime.pools)
+        server.reload(cfg.load(str(write_config(tmp_path, mock.url, upstreams(["primary", "third"])))))
+        after = server.forwarder.runtime.pools
+        assert after["primary"] is before["primary"] and "secondary" not in after
+        mock.script("/v1/chat/completions", Respond(503, {"error": {"message": "down"}}))
+        client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
+        reply = await client.chat.completions.with_raw_response.create(**CHAT)
+        await client.close()
+        assert reply.headers["x-proxy-upstream"] == "third" and len(third.received) == 1
+        text = generate_latest(proxy.registry).decode()
+        assert _value(text, 'openai_proxy_attempts_total{category="ok",route="chat",upstream="third"}') == 1
+        assert _value(text, 'openai_proxy_attempts_total{category="server",route="chat",upstream="primary"}') == 1

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 
 TIERS: tuple[frozenset[str], ...] = (
     # pure decisions and the data they read: no sockets, no clock reads of their own
-    frozenset({"units", "masking", "classify", "backoff", "budget", "headers", "sse", "routes", "retry", "config",
+    frozenset({"units", "masking", "classify", "backoff", "budget", "headers", "sse", "routes", "retry", "upstreams", "config",
                "errors", "events"}),
     frozenset({"breaker", "policy"}),  # live per-route state, built once
     frozenset({"body", "upstream", "client"}),  # one attempt's I/O
@@ -19,7 +19,7 @@ TIERS: tuple[frozenset[str], ...] = (
     frozenset({"relay"}),  # the commit
     frozenset({"runtime", "handler"}),  # the running config, and the handler that reads it
     frozenset({"logs", "metrics", "exposition", "process_metrics"}),  # observers: they receive events, nobody below the wiring imports them
-    frozenset({"app", "server", "workers", "__main__", "__init__"}),  # wiring
+    frozenset({"reload", "app", "server", "workers", "__main__", "__init__"}),  # wiring
 )
 MOCK = "testing"  # the fault-injecting mock upstream: a tool of its own, imported by no proxy module
 

@@ -46,8 +46,14 @@ def _registry(*collectors) -> CollectorRegistry:
     return registry
 
 
-def getter(got: dict[tuple, float], route: str = "chat"):
+# the families labelled by upstream too: a route of one upstream has "default"
+BY_UPSTREAM = {"openai_proxy_attempts_total", "openai_proxy_breaker_state", "openai_proxy_breaker_transitions_total"}
+
+
+def getter(got: dict[tuple, float], route: str = "chat", upstream: str = "default"):
     def v(name: str, **labels: str) -> float:
+        if name in BY_UPSTREAM:
+            labels = {"upstream": upstream, **labels}
         return got[(name, tuple(sorted({"route": route, **labels}.items())))]
     return v
 
@@ -158,7 +164,9 @@ def test_every_family_is_listed_with_its_labels():
     assert by_name["openai_proxy_request_duration_seconds"].labels == ("route", "outcome")
     assert by_name["openai_proxy_breaker_transitions_total"] == ("openai_proxy_breaker_transitions_total", "counter",
                                                                 by_name["openai_proxy_breaker_transitions_total"].help,
-                                                                ("route", "to"))
+                                                                ("route", "upstream", "to"))
+    assert by_name["openai_proxy_attempts_total"].labels == ("route", "upstream", "category")
+    assert by_name["openai_proxy_breaker_state"].labels == ("route", "upstream")
     assert by_name["openai_proxy_retry_successes_total"].labels == ("route",)
     assert by_name["openai_proxy_build_info"].labels == ("version",)
     assert all(f.help and f.kind in ("counter", "gauge", "histogram") for f in FAMILIES)
@@ -377,3 +385,25 @@ def test_supervisor_process_metrics_add_up_the_workers(tmp_path, monkeypatch):
 
 def test_supervisor_process_metrics_without_proc_are_absent(tmp_path):
     assert list(ProcessTreeCollector(lambda: (), proc=str(tmp_path / "nothing")).collect()) == []
+
+
+def test_attempts_and_breakers_are_counted_per_upstream_of_a_route(tmp_path, monkeypatch):
+    """A failover route's attempts and breakers by upstream, in one process and summed over worker
+    files by (route, upstream) key, whatever order each worker's store lists its pairs in."""
+    orders = ([("chat", "primary"), ("chat", "secondary")], [("chat", "secondary"), ("chat", "primary")])
+    for pid, pairs in zip((1, 2), orders):
+        at_pid(monkeypatch, pid)
+        store = MetricsStore(["chat", "default"], str(tmp_path), pairs=[*pairs, ("default", "default")])
+        observe = MetricsObserver(store)
+        drive(observe, "chat", AttemptFinished("chat", 1, Category.SERVER, 503, 0.1, upstream="primary"),
+              AttemptFinished("chat", 2, Category.OK, 200, 0.1, upstream="secondary"), finished("chat", attempts=2))
+        observe(BreakerChange("chat", ("chat",), BreakerState.CLOSED, BreakerState.OPEN, "primary"))
+    got = exposition(DirectoryCollector(str(tmp_path), lambda: (1, 2)))
+    primary, secondary = getter(got, upstream="primary"), getter(got, upstream="secondary")
+    assert primary("openai_proxy_attempts_total", category="server") == 2
+    assert primary("openai_proxy_attempts_total", category="ok") == 0
+    assert secondary("openai_proxy_attempts_total", category="ok") == 2
+    assert primary("openai_proxy_breaker_state") == 2 and secondary("openai_proxy_breaker_state") == 0
+    assert primary("openai_proxy_breaker_transitions_total", to="open") == 2
+    assert secondary("openai_proxy_breaker_transitions_total", to="open") == 0
+    assert getter(got, "default")("openai_proxy_breaker_state") == 0
