@@ -13,14 +13,14 @@ import aiohttp
 from yarl import URL
 
 from .backoff import Random, parse_retry_after
-from .body import RequestBody, Upload
+from .body import EMPTY, RequestBody, Upload
 from .breaker import Permit
 from .classify import (ERROR_BODY_LIMIT, UPSTREAM_ERRORS, Category, UnrelayableResponse, Verdict,
                        classify_exception, classify_status)
-from .events import AttemptFinished, Emitter, RetryScheduled
+from .events import AttemptFinished, Emitter, RetryScheduled, StreamResumed
 from .headers import Headers, readable_stream, unrelayable
 from .policy import RoutePolicy
-from .retry import RetryAfter, StopReason, decide
+from .retry import RetryAfter, Stop, StopReason, decide
 from .sse import StreamEnd, judge
 from .upstream import UpstreamClient, UpstreamResponse, send
 
@@ -224,3 +224,112 @@ def client_deadline(headers: Mapping[str, str], start: float, total: float) -> f
     except ValueError:
         return start + total
     return start + (seconds if 0 < seconds < total else total)
+
+
+_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})  # a resume sends no body
+
+
+def resume_url(url: URL, path: str, response_id: str, starting_after: int) -> URL | None:
+    """Where a cut stream's events are read again: the same upstream (scheme, host, base path) that
+    served it, with the path of the response's events. The upstream path ends with the client's path
+    after `/v1` (a base path may stand for `/v1`), and that end is swapped for `/responses/{id}`; a
+    GET's other query parameters are kept. None when the URL does not end as expected."""
+    suffix = path[3:] if path.startswith("/v1/") else ""
+    head = str(url.with_query(None))
+    if not suffix or not head.endswith(suffix):
+        return None
+    kept = [p for p in url.raw_query_string.split("&") if p and p.partition("=")[0] not in ("stream", "starting_after")]
+    query = "&".join([*kept, "stream=true", f"starting_after={starting_after}"])
+    return URL(f"{head[:-len(suffix)]}/responses/{response_id}?{query}", encoded=True)
+
+
+class Resumer:
+    """The relay's `reopen` for a background Responses stream: reconnects a cut stream after the last
+    event relayed, with the client's own headers, within the route's retry policy.
+
+    Policy: a reconnect is an attempt of the client request's route. max_attempts counts the attempts
+    before the commit plus every reconnect; each reconnect is a retry to `retry.decide` (the budget
+    pays for it, the deadline (timeouts.total, or the client's x-stainless-read-timeout) bounds it,
+    the breaker must admit it). The first reconnect after a cut goes at once: the stream was flowing,
+    so nothing says the upstream needs a rest; backoff only separates failed reconnects.
+
+    Breaker: it hears of each upstream call once. The cut stream was a success recorded at its headers
+    (a probe) or not yet heard of (deferred); its cut is one failure, recorded here once a reconnect
+    replaces it, or by stream_ended (the client connection aborted) when none does, never both. A
+    reconnect is recorded by _attempt like any attempt: a failure at once, a probe at its headers,
+    and a stream at its end: it becomes the outcome's deferred stream, which stream_ended hears of.
+    """
+
+    __slots__ = ("_client", "_route", "_ex", "_outcome", "_emit", "_clock", "_rng", "_sleep")
+
+    def __init__(self, client: UpstreamClient, route: RoutePolicy, ex: Exchange, outcome: Outcome, emit: Emitter, *,
+                 clock: Callable[[], float], rng: Random, sleep: Sleep) -> None:
+        self._client, self._route, self._outcome, self._emit = client, route, outcome, emit
+        self._ex = ex._replace(method="GET", body=EMPTY,
+                               headers=[h for h in ex.headers if h[0].lower() not in _BODY_HEADERS])
+        self._clock, self._rng, self._sleep = clock, rng, sleep
+
+    async def __call__(self, response_id: str, starting_after: int, broken: Category) -> UpstreamResponse | None:
+        """A response relaying the events after `starting_after`, or None: the proxy gave up."""
+        url = resume_url(self._ex.url, self._ex.path, response_id, starting_after)
+        if url is None:
+            return self._ended(response_id, starting_after, broken, StopReason.NOT_RETRYABLE)
+        ex = self._ex._replace(path=f"/v1/responses/{response_id}", url=url)
+        route, outcome, clock = self._route, self._outcome, self._clock
+        # a clean close before the terminal event is, for a response that lives on, a dropped connection
+        verdict = Verdict(Category.NETWORK if broken is Category.INVALID_RESPONSE else broken)
+        hint: tuple[float, str] | None = (0.0, "resume")  # the first reconnect: at once
+        failed: Outcome | None = None
+        try:
+            while True:
+                up = failed.response if failed is not None else None
+                decision = decide(route.retry, verdict, attempt=outcome.attempts, replayable=True,
+                                  upstream_forbids=up is not None and up.headers.get("x-should-retry") == "false",
+                                  hint=hint, remaining=ex.deadline - clock(), budget=route.budget, rng=self._rng,
+                                  admits=lambda delay: route.breaker.admits(clock() + delay))
+                if isinstance(decision, Stop):
+                    return self._ended(response_id, starting_after, broken, decision.reason)
+                if failed is not None:
+                    self._emit(RetryScheduled(route.name, outcome.attempts, verdict.category,
+                                              up.status if up is not None else None, decision.delay,
+                                              decision.reason, decision.source, ex.request_id))
+                    failed.discard()
+                    failed = None
+                    await self._sleep(decision.delay)
+                permit = route.breaker.allow()
+                if permit is None:
+                    return self._ended(response_id, starting_after, broken, StopReason.BREAKER)
+                outcome.attempts += 1
+                new = await _attempt(self._client, route, ex, self._emit, permit, outcome.attempts, clock)
+                if self._relays(new):
+                    route.breaker.record(broken)  # the cut stream: one failure
+                    outcome.deferred = new.deferred  # from now on, stream_ended is about the new stream
+                    self._ended(response_id, starting_after, broken, None)
+                    return new.response
+                failed, verdict = new, new.verdict
+                hint = parse_retry_after(new.response.headers, time.time()) if new.response is not None else None
+        except BaseException:
+            if failed is not None:
+                failed.discard()
+            raise
+
+    def _relays(self, new: Outcome) -> bool:
+        """A reconnect's answer can be relayed on: a readable event stream. A 200 that is not one (the
+        upstream ignored `stream=true`) is an invalid response, and heard as one if not yet heard of."""
+        up = new.response
+        if new.verdict.category is not Category.OK or up is None:
+            return False
+        if up.status == 200 and readable_stream(up.headers):
+            return True
+        if new.deferred:
+            self._route.breaker.record(Category.INVALID_RESPONSE)
+            new.deferred = False
+        new.verdict = Verdict(Category.INVALID_RESPONSE)
+        return False
+
+    def _ended(self, response_id: str, starting_after: int, broken: Category, stop: StopReason | None) -> None:
+        """Tell the observers how this cut ended; a stop is the request's stop reason too."""
+        if stop is not None:
+            self._outcome.stop = stop
+        self._emit(StreamResumed(self._route.name, response_id, starting_after, self._outcome.attempts, broken,
+                                 "failed" if stop is not None else "ok", stop, self._ex.request_id))
