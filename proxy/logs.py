@@ -3,7 +3,7 @@
 Chain: context -> level -> timestamp -> exception rendered -> secrets masked -> render. aiohttp's and
 asyncio's own stdlib records take the same chain (structlog's ProcessorFormatter), so nothing leaves
 unmasked. `LogObserver` writes one `request` line per request, one `retry` line per retry and one
-`breaker` line per state change.
+`breaker` line per state change, and a `resume` line per cut background stream.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import structlog
 
-from .events import BreakerChange, Event, RequestFinished, RetryScheduled
+from .events import BreakerChange, Event, RequestFinished, RetryScheduled, StreamResumed
 from .masking import mask, mask_event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -224,7 +224,7 @@ class LogObserver:
     """
 
     __slots__ = ("_log", "_fast", "_info")
-    event_types = (RequestFinished, RetryScheduled, BreakerChange)  # the others are counted by metrics only
+    event_types = (RequestFinished, RetryScheduled, BreakerChange, StreamResumed)  # the others are counted by metrics only
 
     def __init__(self, logger: Any = None, *, level: str = "info", fmt: str = "json") -> None:
         self._log = logger or get_logger()
@@ -244,7 +244,8 @@ class LogObserver:
                 "ttfb_ms": round(e.ttfb_s * 1000, 2) if e.ttfb_s is not None else None,
                 "bytes_in": e.bytes_in, "bytes_out": e.bytes_out, "replayable": e.replayable,
                 "upstream_request_id": mask(e.upstream_request_id), "client_sdk": mask(e.client_sdk),
-                "client_request_id": mask(e.client_request_id), "level": "info", "timestamp": _now(),
+                "client_request_id": mask(e.client_request_id), "resumes": e.resumes, "level": "info",
+                "timestamp": _now(),
             }
             if self._fast:
                 WRITER.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
@@ -254,6 +255,11 @@ class LogObserver:
             self._log.info("retry", request_id=e.request_id, route=e.route, attempt=e.attempt,
                            category=e.category.value, upstream_status=e.status,
                            delay_ms=round(e.delay_s * 1000, 1), reason=e.reason, delay_source=e.source)
+        elif isinstance(e, StreamResumed):
+            log = self._log.info if e.result == "ok" else self._log.warning
+            log("resume", request_id=e.request_id, route=e.route, response_id=e.response_id,
+                starting_after=e.starting_after, attempt=e.attempt, category=e.category.value, result=e.result,
+                stop_reason=e.stop_reason)
         elif isinstance(e, BreakerChange):
             self._log.warning("breaker", breaker=e.breaker, routes=list(e.routes), old=e.old.name.lower(),
                               new=e.new.name.lower())

@@ -20,7 +20,8 @@ from itertools import accumulate
 from typing import NamedTuple
 
 from .classify import Category
-from .events import AttemptFinished, BreakerChange, Event, RequestFinished, RequestStarted, RetryScheduled
+from .events import (RESUME_RESULTS, AttemptFinished, BreakerChange, Event, RequestFinished, RequestStarted,
+                     RetryScheduled, StreamResumed)
 from .retry import StopReason
 
 P = "openai_proxy_"
@@ -69,8 +70,10 @@ RETRY_SUCCESSES = Family(P + "retry_successes_total", "counter",
                          "Client requests that succeeded after more than one attempt.", ("route",))
 TRANSITIONS = Family(P + "breaker_transitions_total", "counter",
                      "Circuit breaker state changes, by the state entered.", ("route", "to"))
+RESUMES = Family(P + "stream_resumes_total", "counter", "Cut background Responses streams: ok, reconnected and "
+                 "relayed on; failed, the proxy gave up and aborted the client connection.", ("route", "result"))
 BUILD_INFO = Family(P + "build_info", "gauge", "The proxy's version; always 1.", ("version",))
-FAMILIES = (REQUESTS, ERRORS, ATTEMPTS, RETRIES, STOPS, RETRY_SUCCESSES, BREAKER, TRANSITIONS, DURATION, IN_FLIGHT,
+FAMILIES = (REQUESTS, ERRORS, ATTEMPTS, RETRIES, STOPS, RETRY_SUCCESSES, RESUMES, BREAKER, TRANSITIONS, DURATION, IN_FLIGHT,
             REMAINING_REQUESTS, REMAINING_TOKENS, BUILD_INFO)
 
 
@@ -90,7 +93,8 @@ DEFAULT_BUCKETS = bucket_bounds(900.0)  # the built-in total timeout
 # [sum, bucket 0 .. bucket n], n = len(bounds), the last bucket +Inf. Only the histograms depend on the bounds.
 _SIZES = {"used": 1, "requests": len(STATUS_CLASSES), "errors": len(ERROR_CATEGORIES),
           "attempts": len(ATTEMPT_CATEGORIES), "retries": len(ATTEMPT_CATEGORIES), "stops": len(STOP_REASONS),
-          "retry_successes": 1, "transitions": len(TRANSITION_STATES), "in_flight": 1, "breaker": 1,
+          "retry_successes": 1, "transitions": len(TRANSITION_STATES), "resumes": len(RESUME_RESULTS),
+          "in_flight": 1, "breaker": 1,
           "remaining_requests": 1, "remaining_requests_at": 1, "remaining_tokens": 1, "remaining_tokens_at": 1}
 OFF = dict(zip(_SIZES, accumulate(_SIZES.values(), initial=0)))  # where each part of the head starts
 HEAD = sum(_SIZES.values())
@@ -104,6 +108,7 @@ _ERRORS = {Category(c): OFF["errors"] + i for i, c in enumerate(ERROR_CATEGORIES
 _ATTEMPTS = {Category(c): OFF["attempts"] + i for i, c in enumerate(ATTEMPT_CATEGORIES)}
 _RETRIES = {Category(c): OFF["retries"] + i for i, c in enumerate(ATTEMPT_CATEGORIES)}
 _STOPS = {r: OFF["stops"] + i for i, r in enumerate(STOP_REASONS)}
+_RESUMES = {r: OFF["resumes"] + i for i, r in enumerate(RESUME_RESULTS)}
 
 
 def hist_size(bounds: Sequence[float]) -> int:
@@ -114,7 +119,7 @@ def block_size(bounds: Sequence[float]) -> int:
     return HEAD + len(OUTCOMES) * hist_size(bounds)
 
 
-_MAGIC = b"ORPM2\x00\x00\x00"
+_MAGIC = b"ORPM3\x00\x00\x00"  # 3: the stream_resumes slots
 _FILE_HEAD = struct.Struct("<8sQ")  # magic, length of the JSON that follows: {"routes": [...], "buckets": [...]}
 
 
@@ -230,6 +235,8 @@ class MetricsObserver:
                 s[b + _REM_TOK_AT] = self._now()
         elif isinstance(event, RetryScheduled):
             s[self._base[event.route] + _RETRIES[event.category]] += 1
+        elif isinstance(event, StreamResumed):
+            s[self._base[event.route] + _RESUMES[event.result]] += 1
         elif isinstance(event, BreakerChange):
             new = int(event.new)
             for route in event.routes:
