@@ -14,7 +14,7 @@ import openai
 import pytest
 from prometheus_client import generate_latest
 
-from proxy.events import StreamResumed
+from proxy.events import BreakerChange, StreamResumed
 from proxy.logs import WRITER
 from proxy.testing import CutBody, Raw, SSECut, Stall, error
 
@@ -190,6 +190,23 @@ async def test_a_failed_reconnect_is_retried_after_backoff(proxy, mock, recorder
     assert [(e.attempt, e.result) for e in _resumed(recorder)] == [(3, "ok")]
 
 
+async def test_a_resume_stops_at_the_clients_own_deadline(start_proxy, mock, recorder, clock):
+    """The SDK's x-stainless-read-timeout (20 s here) bounds resumes as it bounds retries: the wait
+    after a failed reconnect (a fake sleep moving the fake clock 25 s) leaves no time for another."""
+    async def sleep(delay: float) -> None:
+        clock.t += 25
+
+    proxy = await start_proxy({"defaults": {"retry": {"max_attempts": 5}}}, clock=clock, sleep=sleep)
+    mock.script_request("k", SSECut(4), error(503), error(503))
+    got: list = []
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0, timeout=20) as client:
+        with pytest.raises(openai.APIError):
+            await _partial(client, "k", got)
+    assert [e.sequence_number for e in got] == [0, 1, 2, 3]
+    assert [(e.attempt, e.result, e.stop_reason) for e in _resumed(recorder)] == [(3, "failed", "deadline")]
+    assert len(_resumes(mock)) == 2 and recorder.requests[0].stop_reason == "deadline"
+
+
 async def test_an_open_breaker_ends_the_resume(start_proxy, mock, recorder):
     proxy = await start_proxy({"defaults": {"breaker": {"failure_threshold": 1}}})
     mock.script_request("k", SSECut(4), error(503), None)
@@ -199,6 +216,27 @@ async def test_an_open_breaker_ends_the_resume(start_proxy, mock, recorder):
             await _partial(client, "k", got)
     assert [(e.result, e.stop_reason) for e in _resumed(recorder)] == [("failed", "breaker")]
     assert recorder.requests[0].aborted and len(_resumes(mock)) == 1
+
+
+@pytest.mark.parametrize("max_attempts", [3, 1])  # resumed, or not allowed to
+async def test_the_breaker_hears_of_a_cut_once(start_proxy, mock, recorder, max_attempts):
+    """Two cut streams in a row with failure_threshold 2: a cut counted twice (once when resumed,
+    again at the end) would open the breaker after the first; counted once, and a resumed stream's
+    clean end heard as a success, it stays closed."""
+    proxy = await start_proxy({"defaults": {"breaker": {"failure_threshold": 2},
+                                            "retry": {"max_attempts": max_attempts}}})
+    mock.script_request("a", SSECut(4))
+    mock.script_request("b", SSECut(5))
+    async with _sdk(proxy) as client:
+        for key in ("a", "b"):
+            if max_attempts > 1:
+                _assert_whole(await _create(client, key))
+            else:
+                with pytest.raises(openai.APIError):
+                    await _partial(client, key, [])
+                await _create(client, "ok")  # a success between the two cuts
+    assert recorder.of(BreakerChange) == []
+    assert [r.resumes for r in recorder.requests] == ([1, 1] if max_attempts > 1 else [0, 0, 0, 0])
 
 
 def _chunked(*events: bytes) -> Raw:
