@@ -1,6 +1,8 @@
 """The commit point and the body copy. After the status line is sent no retry is possible: an
 upstream failure, or an event stream without its end marker, aborts the client connection, so the
-client sees an incomplete chunked body or a short Content-Length, never a clean end."""
+client sees an incomplete chunked body or a short Content-Length, never a clean end. The one
+exception is a background Responses stream (`Resuming`): a break is reopened after the last event
+relayed, through a `reopen` the handler supplies, and aborts only if that gives up."""
 
 from __future__ import annotations
 
