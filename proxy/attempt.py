@@ -127,7 +127,7 @@ async def run(endpoints: tuple[Endpoint, ...], route: RoutePolicy, ex: Exchange,
                 outcome.discard()
                 outcome = None
             attempt += 1
-            outcome = await _attempt(endpoints[u], route, ex, emit, permit, attempt, clock, u)
+            outcome = await one_attempt(endpoints[u], route, ex, emit, permit, attempt, clock, u)
             category = outcome.verdict.category
             if category == "ok":
                 return outcome
@@ -171,7 +171,7 @@ def _next(route: RoutePolicy, ex: Exchange, outcome: Outcome, count: int, clock:
                   admits=lambda delay: breakers[u].admits(clock() + delay))
 
 
-async def _attempt(endpoint: Endpoint, route: RoutePolicy, ex: Exchange, emit: Emitter, permit: Permit,
+async def one_attempt(endpoint: Endpoint, route: RoutePolicy, ex: Exchange, emit: Emitter, permit: Permit,
                    attempt: int, clock: Callable[[], float], u: int) -> Outcome:
     """One upstream call up to its classified response headers. The breaker hears of it here (a long
     stream must not hold the probe), except an ordinary stream: it hears of that once, at its end
@@ -182,8 +182,8 @@ async def _attempt(endpoint: Endpoint, route: RoutePolicy, ex: Exchange, emit: E
         total=max(ex.start + route.total - began, 0.001), sock_connect=route.connect, sock_read=route.first_byte)
     up: UpstreamResponse | None = None
     try:
-        up = await send(endpoint.pool, ex.method, ex.urls[u] if u else ex.url, endpoint.headers(ex.headers), ex.body,
-                        timeout)
+        up = await send(endpoint.pool, ex.method, ex.urls[u] if u and ex.urls else ex.url, endpoint.headers(ex.headers),
+                        ex.body, timeout)
         why = unrelayable(up.reason, up.headers)
         if why is not None:
             raise UnrelayableResponse(why)

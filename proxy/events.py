@@ -78,6 +78,24 @@ class RequestFinished(NamedTuple):
     client_request_id: str | None  # x-client-request-id
     request_id: str | None = None  # sent back as x-proxy-request-id: the client's, or generated; never key-shaped
     upstream: str | None = None  # the upstream of the last attempt (None: none was made)
+    resumes: int = 0  # cut background streams picked up again (StreamResumed with result "ok")
+
+
+class StreamResumed(NamedTuple):
+    """A cut background Responses stream was reconnected at `starting_after` ("ok": it relays on), or
+    the proxy gave up on it ("failed": the client connection is aborted)."""
+
+    route: str
+    response_id: str
+    starting_after: int  # the sequence number of the last event relayed
+    attempt: int  # the request's attempts so far, this reconnect's included
+    category: Category  # what broke the stream
+    result: str  # "ok" or "failed" (RESUME_RESULTS)
+    stop_reason: str | None = None  # why a failed one gave up
+    request_id: str | None = None
+
+
+RESUME_RESULTS = ("ok", "failed")
 
 
 class BreakerState(enum.IntEnum):
@@ -110,7 +128,7 @@ class ConfigReloaded(NamedTuple):
 
 
 Event = (RequestStarted | AttemptFinished | RetryScheduled | RequestFinished | BreakerChange | Failover
-         | ConfigReloaded)
+         | StreamResumed | ConfigReloaded)
 Observer = Callable[[Event], None]
 EVENT_TYPES: tuple[type, ...] = get_args(Event)
 

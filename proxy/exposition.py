@@ -19,7 +19,8 @@ from .metrics import HEAD, OFF, PAIR_BLOCK, PAIR_OFF, MetricsStore, Pair, Snapsh
 _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
 _LABELLED = ((metrics.REQUESTS, "requests", metrics.STATUS_CLASSES),
              (metrics.ERRORS, "errors", metrics.ERROR_CATEGORIES),
-             (metrics.RETRIES, "retries", metrics.ATTEMPT_CATEGORIES), (metrics.STOPS, "stops", metrics.STOP_REASONS))
+             (metrics.RETRIES, "retries", metrics.ATTEMPT_CATEGORIES), (metrics.STOPS, "stops", metrics.STOP_REASONS),
+             (metrics.RESUMES, "resumes", metrics.RESUME_RESULTS))
 _REMAINING = ((metrics.REMAINING_REQUESTS, OFF["remaining_requests"], OFF["remaining_requests_at"]),
               (metrics.REMAINING_TOKENS, OFF["remaining_tokens"], OFF["remaining_tokens_at"]))
 _USED, _IN_FLIGHT, _BREAKER = OFF["used"], OFF["in_flight"], PAIR_OFF["breaker"]

@@ -25,9 +25,11 @@ from .events import Emitter, RequestFinished, RequestStarted
 from .headers import request_headers
 from .masking import mask
 from .policy import RoutePolicy
-from .relay import REQUEST_ID_HEADER, Delivery, deliver, send_error
+from .relay import REQUEST_ID_HEADER, Delivery, Resuming, deliver, send_error
+from .resume import Resumer
 from .runtime import Runtime, Target
-from .upstream import UpstreamClient
+from .sse import resume_point
+from .upstream import Endpoint, UpstreamClient
 
 _CLIENT_ID_HEADERS = ("x-request-id", "x-client-request-id")
 UPSTREAM_HEADER = "x-proxy-upstream"  # on multi-upstream routes: the upstream of the last attempt
@@ -118,7 +120,7 @@ class Forwarder:
             if outcome.response is not None:
                 return await deliver(request, delivery, outcome.response, outcome.prefetched, outcome.complete, extra,
                                      route.idle, category, remaining=start + route.total - self._clock(),
-                                     path=target.path)
+                                     path=target.path, resuming=self._resuming(target.endpoints, route, ex, outcome))
             if category is Category.CIRCUIT_OPEN:
                 err = circuit_open(route.breaker.name, outcome.retry_after, extra,
                                    route.upstreams if Category.CIRCUIT_OPEN in route.failover_on else ())
@@ -150,8 +152,18 @@ class Forwarder:
             aborted=d.aborted or d.client_gone or not d.complete, duration_s=self._clock() - start, ttfb_s=ttfb,
             bytes_in=body.size if body else None, bytes_out=d.bytes_out, replayable=body.replayable if body else True,
             upstream_request_id=d.upstream_request_id, client_sdk=sdk, client_request_id=h.get("x-client-request-id"),
-            request_id=rid, upstream=upstream,
+            request_id=rid, upstream=upstream, resumes=d.resumes,
         ))
+
+    def _resuming(self, endpoints: tuple[Endpoint, ...], route: RoutePolicy, ex: attempt.Exchange,
+                  outcome: attempt.Outcome) -> Resuming | None:
+        """How a background Responses stream is reopened after a cut (relay.Resuming), or None for
+        any other request: the same upstream, the client's own headers, the route's policy."""
+        point = resume_point(ex.method, ex.path, ex.url.raw_query_string if ex.method == "GET" else "", ex.body.data)
+        if point is None:
+            return None
+        return Resuming(point, Resumer(endpoints, route, ex, outcome, self._emit,
+                                       clock=self._clock, rng=self._rng, sleep=self._sleep))
 
 
 def _body_error(exc: BodyError, route: RoutePolicy) -> ProxyError:

@@ -3,7 +3,8 @@
 Chain: context -> level -> timestamp -> exception rendered -> secrets masked -> render. aiohttp's and
 asyncio's own stdlib records take the same chain (structlog's ProcessorFormatter), so nothing leaves
 unmasked. `LogObserver` writes one `request` line per request, one `retry` line per retry, one
-`failover` line per move to another upstream and one `breaker` line per state change.
+`failover` line per move to another upstream, one `resume` line per cut background stream, one
+`breaker` line per state change and one `config_reloaded` line per reload.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 import structlog
 
-from .events import BreakerChange, ConfigReloaded, Event, Failover, RequestFinished, RetryScheduled
+from .events import BreakerChange, ConfigReloaded, Event, Failover, RequestFinished, RetryScheduled, StreamResumed
 from .masking import mask, mask_event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -224,7 +225,7 @@ class LogObserver:
     """
 
     __slots__ = ("_log", "_fast", "_info")
-    event_types = (RequestFinished, RetryScheduled, BreakerChange, Failover, ConfigReloaded)  # others: metrics only
+    event_types = (RequestFinished, RetryScheduled, BreakerChange, Failover, StreamResumed, ConfigReloaded)
 
     def __init__(self, logger: Any = None, *, level: str = "info", fmt: str = "json") -> None:
         self._log = logger or get_logger()
@@ -244,7 +245,8 @@ class LogObserver:
                 "ttfb_ms": round(e.ttfb_s * 1000, 2) if e.ttfb_s is not None else None,
                 "bytes_in": e.bytes_in, "bytes_out": e.bytes_out, "replayable": e.replayable,
                 "upstream_request_id": mask(e.upstream_request_id), "client_sdk": mask(e.client_sdk),
-                "client_request_id": mask(e.client_request_id), "upstream": e.upstream, "level": "info",
+                "client_request_id": mask(e.client_request_id), "upstream": e.upstream, "resumes": e.resumes,
+                "level": "info",
                 "timestamp": _now(),
             }
             if self._fast:
@@ -259,6 +261,11 @@ class LogObserver:
         elif isinstance(e, Failover):
             self._log.info("failover", request_id=e.request_id, route=e.route, attempt=e.attempt,
                            category=e.category.value, **{"from": e.source, "to": e.target})
+        elif isinstance(e, StreamResumed):
+            log = self._log.info if e.result == "ok" else self._log.warning
+            log("resume", request_id=e.request_id, route=e.route, response_id=e.response_id,
+                starting_after=e.starting_after, attempt=e.attempt, category=e.category.value, result=e.result,
+                stop_reason=e.stop_reason)
         elif isinstance(e, BreakerChange):
             self._log.warning("breaker", breaker=e.breaker, upstream=e.upstream, routes=list(e.routes),
                               old=e.old.name.lower(), new=e.new.name.lower())

@@ -20,8 +20,8 @@ from itertools import accumulate
 from typing import NamedTuple
 
 from .classify import Category
-from .events import (AttemptFinished, BreakerChange, ConfigReloaded, Event, RequestFinished, RequestStarted,
-                     RetryScheduled)
+from .events import (RESUME_RESULTS, AttemptFinished, BreakerChange, ConfigReloaded, Event, RequestFinished,
+                     RequestStarted, RetryScheduled, StreamResumed)
 from .upstreams import DEFAULT_UPSTREAM
 from .retry import StopReason
 
@@ -72,8 +72,10 @@ RETRY_SUCCESSES = Family(P + "retry_successes_total", "counter",
                          "Client requests that succeeded after more than one attempt.", ("route",))
 TRANSITIONS = Family(P + "breaker_transitions_total", "counter",
                      "Circuit breaker state changes, by upstream and the state entered.", ("route", "upstream", "to"))
+RESUMES = Family(P + "stream_resumes_total", "counter", "Cut background Responses streams: ok, reconnected and "
+                 "relayed on; failed, the proxy gave up and aborted the client connection.", ("route", "result"))
 BUILD_INFO = Family(P + "build_info", "gauge", "The proxy's version; always 1.", ("version",))
-FAMILIES = (REQUESTS, ERRORS, ATTEMPTS, RETRIES, STOPS, RETRY_SUCCESSES, BREAKER, TRANSITIONS, DURATION, IN_FLIGHT,
+FAMILIES = (REQUESTS, ERRORS, ATTEMPTS, RETRIES, STOPS, RETRY_SUCCESSES, RESUMES, BREAKER, TRANSITIONS, DURATION, IN_FLIGHT,
             REMAINING_REQUESTS, REMAINING_TOKENS, BUILD_INFO)
 
 
@@ -92,7 +94,8 @@ DEFAULT_BUCKETS = bucket_bounds(900.0)  # the built-in total timeout
 # A route's block of slots: a fixed head (the counters, then the gauges), then one histogram per outcome:
 # [sum, bucket 0 .. bucket n], n = len(bounds), the last bucket +Inf. Only the histograms depend on the bounds.
 _SIZES = {"used": 1, "requests": len(STATUS_CLASSES), "errors": len(ERROR_CATEGORIES),
-          "retries": len(ATTEMPT_CATEGORIES), "stops": len(STOP_REASONS), "retry_successes": 1, "in_flight": 1,
+          "retries": len(ATTEMPT_CATEGORIES), "stops": len(STOP_REASONS), "retry_successes": 1,
+          "resumes": len(RESUME_RESULTS), "in_flight": 1,
           "remaining_requests": 1, "remaining_requests_at": 1, "remaining_tokens": 1, "remaining_tokens_at": 1}
 OFF = dict(zip(_SIZES, accumulate(_SIZES.values(), initial=0)))  # where each part of the head starts
 HEAD = sum(_SIZES.values())
@@ -110,6 +113,7 @@ _ERRORS = {Category(c): OFF["errors"] + i for i, c in enumerate(ERROR_CATEGORIES
 _ATTEMPTS = {Category(c): PAIR_OFF["attempts"] + i for i, c in enumerate(ATTEMPT_CATEGORIES)}
 _RETRIES = {Category(c): OFF["retries"] + i for i, c in enumerate(ATTEMPT_CATEGORIES)}
 _STOPS = {r: OFF["stops"] + i for i, r in enumerate(STOP_REASONS)}
+_RESUMES = {r: OFF["resumes"] + i for i, r in enumerate(RESUME_RESULTS)}
 
 
 def hist_size(bounds: Sequence[float]) -> int:
@@ -120,7 +124,7 @@ def block_size(bounds: Sequence[float]) -> int:
     return HEAD + len(OUTCOMES) * hist_size(bounds)
 
 
-_MAGIC = b"ORPM3\x00\x00\x00"
+_MAGIC = b"ORPM4\x00\x00\x00"  # 4: (route, upstream) pairs and the stream_resumes slots
 _FILE_HEAD = struct.Struct("<8sQ")  # magic, length of the JSON that follows: {"routes", "pairs", "buckets"}
 Pair = tuple[str, str]  # (route, upstream)
 
@@ -274,6 +278,8 @@ class MetricsObserver:
                 s[b + _REM_TOK_AT] = self._now()
         elif isinstance(event, RetryScheduled):
             s[self._base[event.route] + _RETRIES[event.category]] += 1
+        elif isinstance(event, StreamResumed):
+            s[self._base[event.route] + _RESUMES[event.result]] += 1
         elif isinstance(event, ConfigReloaded):
             store = self._store
             store.add(event.routes, event.pairs)

@@ -1,13 +1,15 @@
 """The commit point and the body copy. After the status line is sent no retry is possible: an
 upstream failure, or an event stream without its end marker, aborts the client connection, so the
-client sees an incomplete chunked body or a short Content-Length, never a clean end."""
+client sees an incomplete chunked body or a short Content-Length, never a clean end. The one
+exception is a background Responses stream (`Resuming`): a break is reopened after the last event
+relayed, through a `reopen` the handler supplies, and aborts only if that gives up."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
@@ -18,12 +20,14 @@ from aiohttp.abc import AbstractStreamWriter
 from .classify import UPSTREAM_ERRORS, Category, classify_exception
 from .errors import ProxyError
 from .headers import Headers, is_event_stream, readable_stream, response_headers, serialize_head
-from .sse import StreamEnd, StreamWatcher, end_markers
+from .sse import Dialect, EventCursor, ResumePoint, StreamEnd, StreamWatcher, end_markers
 from .upstream import UpstreamResponse, switch_to_idle_timeout
 
 REQUEST_ID_HEADER = "x-proxy-request-id"  # the proxy's id of the client request (handler.request_id)
 _SMALL_WRITE = 16 * 1024  # below this, head + body are joined into one buffer; above, written as two
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+# (response id, last sequence number relayed, what broke the stream) -> the stream after it, or None
+Reopen = Callable[[str, int, Category], Awaitable[UpstreamResponse | None]]
 
 
 @dataclass(slots=True)
@@ -38,6 +42,17 @@ class Delivery:
     complete: bool = False  # the whole body was handed to the connection (or the stream's end marker)
     bytes_out: int = 0
     upstream_request_id: str | None = None
+    resumes: int = 0  # cut streams picked up again after the commit
+
+
+@dataclass(slots=True)
+class Resuming:
+    """A background Responses stream the handler may reopen after a cut: where it starts, how to
+    reopen it, and the upstream response being relayed now (deliver releases whichever it is)."""
+
+    point: ResumePoint
+    reopen: Reopen
+    up: UpstreamResponse | None = None
 
 
 async def send_whole(request: web.BaseRequest, d: Delivery, resp: web.Response) -> web.Response:
@@ -134,10 +149,12 @@ async def send_error(request: web.BaseRequest, d: Delivery, err: ProxyError, cat
 
 async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefetched: bytes | None,
                   complete: bool, extra: Mapping[str, str], idle: float, category: Category,
-                  remaining: float, path: str) -> web.StreamResponse:
+                  remaining: float, path: str, resuming: Resuming | None = None) -> web.StreamResponse:
     """Send `up` to the client, with the proxy's coordination headers `extra` in place of any the
-    upstream sent. Owns `up`: it is released or closed on every path out."""
+    upstream sent. Owns `up`, and any stream `resuming` reopens: released or closed on every path out."""
     reusable = complete  # a body read whole leaves the upstream connection between responses
+    if resuming is not None:
+        resuming.up = up
     d.upstream_request_id = up.headers.get("x-request-id")
     d.category = category
     try:
@@ -148,10 +165,12 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
         if complete and prefetched is not None and not _bodiless(request.method, up.status):
             return await send_complete(request, d, up.status, up.reason or "", headers, prefetched,
                                        "Date" in up.headers)
-        resp = await _stream(request, d, up, prefetched, headers, idle, remaining, path)
+        resp = await _stream(request, d, up, prefetched, headers, idle, remaining, path, resuming)
         reusable = d.complete and not d.aborted and not d.client_gone
         return resp
     finally:
+        if resuming is not None and resuming.up is not None:
+            up = resuming.up  # the stream relayed last
         if reusable:
             up.release()
         else:
@@ -159,7 +178,8 @@ async def deliver(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
 
 
 async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, prefix: bytes | None,
-                  headers: Headers, idle: float, remaining: float, path: str) -> web.StreamResponse:
+                  headers: Headers, idle: float, remaining: float, path: str,
+                  resuming: Resuming | None) -> web.StreamResponse:
     """Copy the body after the commit. `remaining` (of timeouts.total) bounds the whole copy: else
     a client that stops reading would hold this handler and the upstream connection forever."""
     watcher = None
@@ -168,6 +188,8 @@ async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
         markers = end_markers(request.method, path)  # the matched path, as routing and the upstream saw it
         if markers is not None and up.status == 200 and readable_stream(up.headers):  # else relayed unjudged
             watcher = StreamWatcher(*markers)
+    if watcher is None or markers != (Dialect.RESPONSES,):
+        resuming = None
     writer = request.writer
     keep_alive, chunked = _framing(request, up.status, up.content_length, headers)
     if chunked:
@@ -181,7 +203,11 @@ async def _stream(request: web.BaseRequest, d: Delivery, up: UpstreamResponse, p
         transport.write(head)  # the commit point
         d.status = up.status
         async with asyncio.timeout(max(remaining, 0.001)):
-            broken = await _copy(writer, d, up, prefix, watcher)
+            if resuming is None:
+                broken = await _copy(writer, d, up, prefix, watcher)
+            else:
+                assert watcher is not None
+                broken = await _resumable_copy(writer, d, resuming, prefix, watcher, idle)
     except ConnectionError:
         d.client_gone = True  # normal traffic, not an error
         return _Sent(up.status, False)
@@ -240,4 +266,64 @@ async def _copy(writer: AbstractStreamWriter, d: Delivery, up: UpstreamResponse,
             d.category = Category.SERVER  # the client has the error event; the stream ends as sent
     d.complete = True  # the last byte is with the connection; write_eof adds the end of the framing
     await writer.write_eof()
+    return None
+
+
+async def _resumable_copy(writer: AbstractStreamWriter, d: Delivery, resuming: Resuming, chunk: bytes | None,
+                          watcher: StreamWatcher, idle: float) -> Category | None:
+    """`_copy` for a background Responses stream: whole events only, each once, and a break before
+    the terminal event (a cut, a reset, the idle timeout, a clean close) reconnects after the last
+    event relayed instead of aborting. Returns why the client connection must be aborted, or None."""
+    cursor = EventCursor(resuming.point)
+    while True:
+        up = resuming.up
+        assert up is not None
+        broken = await _relay_events(writer, d, up, chunk, watcher, cursor)
+        if broken is None:  # a clean end: complete, or cut short of its terminal event
+            end = watcher.result()
+            if end is not StreamEnd.TRUNCATED:
+                if end is StreamEnd.ERROR_EVENT:
+                    d.category = Category.SERVER  # the client has the error event; the stream ends as sent
+                d.complete = True
+                await writer.write_eof()
+                return None
+            broken = Category.INVALID_RESPONSE
+        if watcher.ended or not cursor.resumable:  # nothing left to resume, or not started yet
+            return broken
+        assert cursor.response_id is not None and cursor.last is not None
+        resuming.up = None
+        up.close()  # the cut connection
+        new = await resuming.reopen(cursor.response_id, cursor.last, broken)
+        if new is None:
+            return broken
+        resuming.up = new
+        switch_to_idle_timeout(new, idle)
+        cursor.restart()
+        d.resumes += 1
+        chunk = None
+
+
+async def _relay_events(writer: AbstractStreamWriter, d: Delivery, up: UpstreamResponse, chunk: bytes | None,
+                        watcher: StreamWatcher, cursor: EventCursor) -> Category | None:
+    """One upstream stream through the cursor, to its end: None when it ended cleanly, else why not."""
+    content = up.content
+    while True:
+        if chunk:
+            out = cursor.feed(chunk)
+            if out:
+                watcher.feed(out)
+                d.bytes_out += len(out)
+                await writer.write(out)
+        try:
+            chunk = await content.readany()
+        except UPSTREAM_ERRORS as exc:
+            category = classify_exception(exc)
+            return Category.NETWORK if category is Category.CONNECT else category
+        if not chunk:
+            break
+    out = cursor.finish()
+    if out:
+        watcher.feed(out)
+        d.bytes_out += len(out)
+        await writer.write(out)
     return None

@@ -12,12 +12,18 @@ provably whole (`[DONE]`, or valid JSON): a cut line looks exactly like that.
 Cost: only the unfinished last line is kept between chunks, up to `_LINE_CAP` bytes (a longer line is
 judged by that prefix: a terminal `type` must be its first key, as OpenAI writes it). Chunks without a
 marker word are not split into lines; JSON is parsed only for lines that pass that filter.
+
+Resuming a cut background Responses stream (`resume_point`, `EventCursor`) needs two facts from it:
+the response id and the last `sequence_number` relayed. `EventCursor` reads them at event boundaries
+and lets only whole events through, so a cut never leaves the client half an event.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+from typing import NamedTuple
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -118,6 +124,12 @@ class StreamWatcher:
         if last + 1 < n:
             self._keep(chunk, last + 1)
 
+    @property
+    def ended(self) -> bool:
+        """A terminal event (or an in-band error) was among the whole lines fed so far: a break after
+        it has nothing left to resume."""
+        return self._end is not StreamEnd.TRUNCATED
+
     def result(self) -> StreamEnd:
         if self._pending:  # a last line without its newline
             self._line(bytes(self._pending), self._over, True)
@@ -182,3 +194,158 @@ def judge(method: str, path: str, body: bytes) -> StreamEnd | None:
     watcher = StreamWatcher(*markers)
     watcher.feed(body)
     return watcher.result()
+
+
+# ---- resuming background Responses streams ----------------------------------------------------------
+
+_RESPONSE_ID = re.compile(r"[A-Za-z0-9_\-]{1,200}")  # resp_...: nothing that could change the resume URL
+# An empty line ends an event. `\r\n` is one line end, never `\r` then `\n` (an empty line between), so a
+# `\r` counts alone only once the next byte is known not to be `\n`: a chunk may end between the two.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?=[^\n])|\n)(?:\r\n|\r(?=[^\n])|\n)")
+# A JSON key: inside a JSON string every `"` is escaped, so `number":` can only be a real key.
+_SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*([0-9]{1,18})')
+_STARTING = (b"response.created", b"response.in_progress")
+HOLD_CAP = 16 * 2**20  # an unfinished event held back longer than this turns the stream unresumable
+
+
+class ResumePoint(NamedTuple):
+    """Where a resumable stream starts: what the request itself says (a GET names both)."""
+
+    response_id: str | None  # a GET's path; a POST's comes from its response.created event
+    starting_after: int | None  # a GET's own starting_after
+
+
+def resume_point(method: str, path: str, query: str, body: object) -> ResumePoint | None:
+    """Whether a request's stream may be resumed after a cut: `POST /v1/responses` with `background:
+    true` and `stream: true` in a JSON body held in memory (`body` bytes; a streamed body is not
+    parsed), or `GET /v1/responses/{id}?stream=true`. A foreground response stops on the server when
+    its connection drops: there is nothing to resume. The JSON is parsed only for that POST."""
+    if method == "POST":
+        if path != "/v1/responses" or not isinstance(body, bytes) or body.find(b"background") < 0:
+            return None
+        doc = _json(body)
+        if isinstance(doc, dict) and doc.get("background") is True and doc.get("stream") is True:
+            return ResumePoint(None, None)
+        return None
+    if method != "GET" or not path.startswith("/v1/responses/") or path.count("/") != 3:
+        return None
+    ident = path[len("/v1/responses/"):]
+    params = dict(parse_qsl(query))
+    after = params.get("starting_after")
+    if not _RESPONSE_ID.fullmatch(ident) or params.get("stream", "").lower() != "true" or (
+            after is not None and not (after.isascii() and after.isdigit() and len(after) <= 18)):
+        return None
+    return ResumePoint(ident, int(after) if after is not None else None)
+
+
+def _data_at(event: bytes) -> int:
+    """Where the event's first `data:` line starts, or -1."""
+    if event.startswith(b"data:"):
+        return 0
+    found = [i + 1 for i in (event.find(b"\ndata:"), event.find(b"\rdata:")) if i >= 0]
+    return min(found) if found else -1
+
+
+def _data_value(event: bytes, at: int) -> bytes:
+    """The value of the `data:` line starting at `at` (OpenAI sends one data line per event)."""
+    ends = [i for i in (event.find(b"\n", at), event.find(b"\r", at)) if i >= 0]
+    return _value(event[at:min(ends)] if ends else event[at:], 4)
+
+
+class EventCursor:
+    """Fed a resumable stream's bytes; returns what to relay now: whole events only (up to the last
+    empty line), the unfinished rest held back, and no event whose `sequence_number` is not past the
+    last one relayed (exactly once, even if an upstream repeats one). Keeps the response id, the last
+    sequence number and the unfinished event; never the events relayed. Pure: no I/O.
+
+    An unfinished event longer than HOLD_CAP turns the cursor off: from then on bytes pass through as
+    they come and the stream is no longer resumable."""
+
+    __slots__ = ("response_id", "last", "_tail", "_fresh", "_off")
+
+    def __init__(self, point: ResumePoint) -> None:
+        self.response_id = point.response_id
+        self.last = point.starting_after  # the sequence number of the last event relayed
+        self._tail = b""  # the unfinished event
+        self._fresh = False  # a resumed stream's first bytes: a BOM there is not relayed
+        self._off = False
+
+    @property
+    def resumable(self) -> bool:
+        """The response has started (its id and a sequence number are known) and the cursor is on."""
+        return not self._off and self.response_id is not None and self.last is not None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._off:
+            return chunk
+        tail = self._tail
+        buf, start = (tail + chunk, max(len(tail) - 3, 0)) if tail else (chunk, 0)
+        if self._fresh:
+            if len(buf) < 3 and _BOM.startswith(buf):
+                self._tail = buf
+                return b""
+            self._fresh = False
+            if buf.startswith(_BOM):
+                buf, start = buf[3:], 0
+        pos = 0
+        parts = []
+        for m in _EVENT_END.finditer(buf, start):  # the tail had no event end: all of them are here
+            end = m.end()
+            event = buf[pos:end]
+            if self._accept(event):
+                parts.append(event)
+            pos = end
+        self._tail = buf[pos:] if pos else buf
+        if len(self._tail) > HOLD_CAP:
+            self._off = True
+            parts.append(self._tail)
+            self._tail = b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def finish(self) -> bytes:
+        """At the upstream's clean end: the held tail when it is a whole last event (its data is valid
+        JSON: a server may leave out the empty line after the final event), else nothing: a resumed
+        stream must not continue a line the cut left unfinished."""
+        tail, self._tail = self._tail, b""
+        if not tail.strip(b"\r\n"):
+            return tail  # the end of the last empty line
+        at = _data_at(tail)
+        if at < 0 or _json(_data_value(tail, at)) is None:
+            return b""
+        return tail if self._accept(tail) else b""
+
+    def restart(self) -> None:
+        """A resumed stream follows: the half event the cut left is dropped, never relayed."""
+        self._tail = b""
+        self._fresh = True
+
+    def _accept(self, event: bytes) -> bool:
+        """Whether to relay one whole event; learns its sequence number (and the response id)."""
+        at = _data_at(event)
+        if at < 0:
+            return True  # a comment or keep-alive: nothing to count
+        m = _SEQUENCE.search(event, at)
+        if m is None:
+            seq = None
+        elif _SEQUENCE.search(event, m.end()) is None:
+            seq = int(m.group(1))
+        else:  # the key also appears nested: read the top-level one
+            doc = _json(_data_value(event, at))
+            seq = doc.get("sequence_number") if isinstance(doc, dict) else None
+            seq = seq if isinstance(seq, int) else None
+        if self.response_id is None and (event.find(_STARTING[0]) >= 0 or event.find(_STARTING[1]) >= 0):
+            self._learn_id(_data_value(event, at))
+        if seq is None:
+            return True
+        if self.last is not None and seq <= self.last:
+            return False
+        self.last = seq
+        return True
+
+    def _learn_id(self, data: bytes) -> None:
+        doc = _json(data)
+        if isinstance(doc, dict) and doc.get("type") in ("response.created", "response.in_progress"):
+            response = doc.get("response")
+            ident = response.get("id") if isinstance(response, dict) else None
+            if isinstance(ident, str) and _RESPONSE_ID.fullmatch(ident):
+                self.response_id = ident

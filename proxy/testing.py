@@ -15,7 +15,13 @@ rate limits) can only be tested against an upstream that misbehaves on cue.  Thi
 * observable: every request is recorded in ``mock.received`` as soon as its headers arrive,
   with events telling whether the mock finished its answer or was cancelled by the peer;
 * streaming all the way: request and response bodies of any size are hashed or generated
-  chunk by chunk, never held whole.
+  chunk by chunk, never held whole;
+* background Responses: a ``POST /v1/responses`` with ``background: true`` and ``stream: true``
+  keeps its events (``sequence_number`` 0, 1, ...) under its id, and
+  ``GET /v1/responses/{id}?stream=true&starting_after=N`` streams them again from N + 1, as OpenAI
+  resumes a broken stream.  The steps that cut a stream (``SSECut``, ``CutBody``) cut either; a
+  request and its resumes share their headers, so ``script_request(key, SSECut(3), SSECut(2))`` or
+  ``x-mock-faults: cut:3, cut:2`` cuts the first stream after 3 events and the first resume after 2.
 
 Tests synchronise on events (``wait_for_requests``, ``gate``, ``Received.finished`` /
 ``Received.cancelled``), never on sleeps.
@@ -517,6 +523,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
         ("POST", r"/v1/chat/completions", "_chat"),
         ("POST", r"/v1/completions", "_completions"),
         ("POST", r"/v1/responses", "_responses"),
+        ("GET", r"/v1/responses/(?P<ident>[^/]+)", "_response_get"),
         ("POST", r"/v1/embeddings", "_embeddings"),
         ("GET", r"/v1/models", "_models"),
         ("POST", r"/v1/files", "_file_upload"),
@@ -550,7 +557,8 @@ class MockUpstream:
     """A fake api.openai.com on localhost; see the module docstring."""
 
     def __init__(self, *, sse_events: int = 5, sse_interval: float = 0.0, keepalive_timeout: float = 75.0,
-                 keep_received: bool = True, fault_keys: int = 10_000, base_path: str = "") -> None:
+                 keep_received: bool = True, fault_keys: int = 10_000, base_path: str = "",
+                 background_keep: int = 10_000) -> None:
         """``keepalive_timeout``: idle keep-alive connections are closed after this many seconds (a
         short one lets a test see a client's pooled connections go away).  ``keep_received=False``
         records nothing in ``received`` (a long soak would hold every request); counts still work.
@@ -580,6 +588,9 @@ class MockUpstream:
         self._gates: dict[str, asyncio.Event] = {}
         self._arrivals = asyncio.Condition()
         self._uploads: dict[str, dict[str, Any]] = {}
+        # background responses: id -> (every event of its stream, the final Response); bounded, LRU order
+        self._background: collections.OrderedDict[str, tuple[list[bytes], dict[str, Any]]] = collections.OrderedDict()
+        self.background_keep = background_keep
         self._inflight: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -1035,8 +1046,30 @@ class MockUpstream:
             frame("response.content_part.done", **where, part=part),
             frame("response.output_item.done", output_index=0, item=item),
         ]
-        done = frame("response.completed", response=self._response_object(ex, model, "completed", text))
+        final = self._response_object(ex, model, "completed", text)
+        done = frame("response.completed", response=final)
+        if params.get("background"):
+            self._background[final["id"]] = ([*frames, done], final)
+            while len(self._background) > self.background_keep:
+                self._background.popitem(last=False)
         return _Reply.sse(frames, (done,))
+
+    async def _response_get(self, ex: _Exchange, ident: str) -> _Reply:
+        """A background response: its object, or with ``stream=true`` its events after ``starting_after``."""
+        await self._read_body(ex)
+        stored = self._background.get(ident)
+        if stored is None:
+            return self._respond_reply(error(404, f"No response found with id '{ident}'.",
+                                             "invalid_request_error", None))
+        events, final = stored
+        query = ex.request.query
+        if query.get("stream", "").lower() != "true":
+            return _Reply.json(final)
+        after = query.get("starting_after", "-1")
+        if not re.fullmatch(r"-1|[0-9]{1,9}", after):
+            return self._respond_reply(error(400, f"Invalid starting_after: {after!r}.", "invalid_request_error"))
+        rest = events[int(after) + 1:]
+        return _Reply.sse(rest[:-1], tuple(rest[-1:]))
 
     async def _embeddings(self, ex: _Exchange) -> _Reply:
         params = await self._read_json(ex)

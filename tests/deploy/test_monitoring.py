@@ -89,7 +89,7 @@ def test_metric_families_are_the_documented_ones() -> None:
         "openai_proxy_breaker_transitions_total", "openai_proxy_retry_successes_total",
         "openai_proxy_request_duration_seconds_bucket", "openai_proxy_in_flight_requests",
         "openai_proxy_ratelimit_remaining_requests", "openai_proxy_ratelimit_remaining_tokens",
-        "openai_proxy_build_info",
+        "openai_proxy_build_info", "openai_proxy_stream_resumes_total",
     }
     assert "outcome" in METRICS["openai_proxy_request_duration_seconds_bucket"]
     assert "to" in METRICS["openai_proxy_breaker_transitions_total"]

@@ -15,7 +15,7 @@ TIERS: tuple[frozenset[str], ...] = (
                "errors", "events"}),
     frozenset({"breaker", "policy"}),  # live per-route state, built once
     frozenset({"body", "upstream", "client"}),  # one attempt's I/O
-    frozenset({"attempt"}),  # the loop
+    frozenset({"attempt", "resume"}),  # the loop
     frozenset({"relay"}),  # the commit
     frozenset({"runtime", "handler"}),  # the running config, and the handler that reads it
     frozenset({"logs", "metrics", "exposition", "process_metrics"}),  # observers: they receive events, nobody below the wiring imports them
