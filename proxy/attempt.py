@@ -182,8 +182,8 @@ async def one_attempt(endpoint: Endpoint, route: RoutePolicy, ex: Exchange, emit
         total=max(ex.start + route.total - began, 0.001), sock_connect=route.connect, sock_read=route.first_byte)
     up: UpstreamResponse | None = None
     try:
-        up = await send(endpoint.pool, ex.method, ex.urls[u] if u and ex.urls else ex.url, endpoint.headers(ex.headers),
-                        ex.body, timeout)
+        headers = endpoint.headers(ex.headers) if endpoint.injects else ex.headers
+        up = await send(endpoint.pool, ex.method, ex.urls[u] if u and ex.urls else ex.url, headers, ex.body, timeout)
         why = unrelayable(up.reason, up.headers)
         if why is not None:
             raise UnrelayableResponse(why)

@@ -120,7 +120,8 @@ class Forwarder:
             if outcome.response is not None:
                 return await deliver(request, delivery, outcome.response, outcome.prefetched, outcome.complete, extra,
                                      route.idle, category, remaining=start + route.total - self._clock(),
-                                     path=target.path, resuming=self._resuming(target.endpoints, route, ex, outcome))
+                                     path=target.path, resuming=self._resuming(target.endpoints, route, ex, outcome)
+                                     if target.resumable else None)
             if category is Category.CIRCUIT_OPEN:
                 err = circuit_open(route.breaker.name, outcome.retry_after, extra,
                                    route.upstreams if Category.CIRCUIT_OPEN in route.failover_on else ())

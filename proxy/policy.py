@@ -32,6 +32,7 @@ class RoutePolicy:
     upstreams: tuple[str, ...] = ("default",)  # tried in this order
     breakers: tuple[Breaker, ...] = ()  # one per upstream, in that order
     failover_on: frozenset[Category] = frozenset()
+    multi: bool = False  # several upstreams: responses name theirs (x-proxy-upstream)
 
     @classmethod
     def build(cls, name: str, p: Policy, clock: Callable[[], float], breakers: tuple[Breaker, ...]) -> RoutePolicy:
@@ -44,13 +45,8 @@ class RoutePolicy:
                                           sock_read=float(t.first_byte)),
             budget=RetryBudget(r.budget.ratio, r.budget.min_per_second, float(r.budget.window), clock),
             breaker=breakers[0], upstreams=p.upstreams, breakers=breakers,
-            failover_on=frozenset(map(Category, p.failover_on)),
+            failover_on=frozenset(map(Category, p.failover_on)), multi=len(p.upstreams) > 1,
         )
-
-    @property
-    def multi(self) -> bool:
-        """Several upstreams: responses name theirs (x-proxy-upstream)."""
-        return len(self.upstreams) > 1
 
 
 def compile_routes(config: ProxyConfig, clock: Callable[[], float],

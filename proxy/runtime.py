@@ -18,6 +18,7 @@ from .errors import BAD_PATH, BAD_TARGET, METHOD_REFUSED, ProxyError
 from .events import BreakerChange
 from .policy import RoutePolicy, compile_routes
 from .routes import RouteTable, normalize_path
+from .sse import may_resume
 from .upstream import Endpoint, UpstreamClient, create_client
 from .upstreams import DEFAULT_UPSTREAM
 
@@ -33,6 +34,7 @@ class Target(NamedTuple):
     url: URL  # the first upstream's base URL + that path + the query as sent (urls[0])
     endpoints: tuple[Endpoint, ...]  # the route's upstreams, in order
     urls: tuple[URL, ...]  # the same request's URL at each of them
+    resumable: bool  # a background Responses stream could be behind it (sse.may_resume)
 
 
 def _pool_settings(config: ProxyConfig) -> dict[str, tuple[str, int, str, str | None]]:
@@ -95,7 +97,7 @@ class Runtime:
         route = self.routes.match(method, normal).policy
         endpoints = self._endpoints[route.name]
         urls = tuple(URL(e.base.join(normal + sep + query), encoded=True) for e in endpoints)
-        found = Target(route, normal, urls[0], endpoints, urls)
+        found = Target(route, normal, urls[0], endpoints, urls, may_resume(method, normal))
         if len(self._targets) < _CACHED_TARGETS:
             self._targets[(method, raw)] = found
         return found

@@ -215,6 +215,13 @@ class ResumePoint(NamedTuple):
     starting_after: int | None  # a GET's own starting_after
 
 
+def may_resume(method: str, path: str) -> bool:
+    """Whether `resume_point` could say yes for a request line: asked once per distinct request line
+    (runtime.Target), so no other request pays for the question."""
+    return (method == "POST" and path == "/v1/responses") or (
+        method == "GET" and path.startswith("/v1/responses/") and path.count("/") == 3)
+
+
 def resume_point(method: str, path: str, query: str, body: object) -> ResumePoint | None:
     """Whether a request's stream may be resumed after a cut: `POST /v1/responses` with `background:
     true` and `stream: true` in a JSON body held in memory (`body` bytes; a streamed body is not

@@ -280,12 +280,13 @@ class Endpoint:
     """One upstream as attempts use it: its pool, how a client path joins its URL, and the credential
     header it gets instead of the client's (built once; its repr never shows the value)."""
 
-    __slots__ = ("name", "pool", "base", "host", "_credential", "_drop")
+    __slots__ = ("name", "pool", "base", "host", "injects", "_credential", "_drop")
 
     def __init__(self, name: str, pool: Pool, url: str, credential: Credential | None) -> None:
         self.name, self.pool, self.base = name, pool, BaseUrl.of(url)
         self.host = URL(url).host or url  # for error messages
         self._credential = (credential.header, credential.value.reveal()) if credential is not None else None
+        self.injects = credential is not None  # else headers() would hand the client's back: skip the call
         self._drop = CLIENT_CREDENTIALS | {credential.header.lower()} if credential is not None else frozenset()
 
     def headers(self, client: Headers) -> Headers:

@@ -10,7 +10,7 @@ from yarl import URL
 
 from proxy import sse
 from proxy.resume import resume_url
-from proxy.sse import EventCursor, ResumePoint, resume_point
+from proxy.sse import EventCursor, ResumePoint, may_resume, resume_point
 
 
 def _event(seq: int, kind: str = "response.output_text.delta", nl: str = "\n", **extra: object) -> bytes:
@@ -130,6 +130,10 @@ def test_a_nested_sequence_number_does_not_fool_the_cursor():
 ])
 def test_which_requests_may_be_resumed(method, path, query, body, point):
     assert resume_point(method, path, query, body) == point
+    if point is not None:  # the per-request-line pre-check never turns away a resumable request
+        assert may_resume(method, path)
+    if path in ("/v1/chat/completions", "/v1/responses/resp_1/input_items"):
+        assert not may_resume(method, path)  # and spares the others the question
 
 
 @pytest.mark.parametrize(("url", "path", "want"), [
