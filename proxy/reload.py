@@ -28,8 +28,8 @@ def changed_keys(old: ProxyConfig, new: ProxyConfig) -> list[str]:
     """The top-level sections (or, for the RESTART_KEYS, the keys) whose effective values differ."""
     a, b = effective(old), effective(new)
     out = [key for key in RESTART_KEYS if _at(a, key) != _at(b, key)]
-    return out + [key for key in b if key not in ("listen", "admin", "log") and key not in RESTART_KEYS
-                  and a.get(key) != b[key]]
+    out += [key for key in b if key not in ("listen", "admin", "log", *RESTART_KEYS) and a.get(key) != b[key]]
+    return out + (["credentials"] if old.credentials != new.credentials else [])  # a rotated secret: named, not shown
 
 
 def pinned(new: ProxyConfig, running: ProxyConfig) -> ProxyConfig:
@@ -81,12 +81,18 @@ class Reloader:
         return [family]
 
     def _signature(self) -> tuple[int, ...] | None:
-        """What changes when the file does: a ConfigMap volume swaps a symlink, so the inode changes."""
-        try:
-            st = os.stat(self.config.source)
-        except OSError:  # no file (built-in defaults), or mid-swap: look again next time
-            return None
-        return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+        """What changes when the config file or a secret file (auth.value_from_file) does: a ConfigMap or
+        Secret volume swaps a symlink, so the inode changes."""
+        files = [self.config.source, *(u.auth.value_from_file for u in self.config.upstreams.values()
+                                       if u.auth is not None and u.auth.value_from_file is not None)]
+        seen: list[int] = []
+        for path in files:
+            try:
+                st = os.stat(path)
+            except OSError:  # no file (built-in defaults), or mid-swap: look again next time
+                return None
+            seen += [st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size]
+        return tuple(seen)
 
     async def watch(self) -> None:
         """While `reload.watch` is on, reload when the file changes (checked every `reload.interval`)."""

@@ -223,3 +223,28 @@ async def test_a_reload_keeps_each_unchanged_upstreams_pool_and_counts_a_new_one
         text = generate_latest(proxy.registry).decode()
         assert _value(text, 'openai_proxy_attempts_total{category="ok",route="chat",upstream="third"}') == 1
         assert _value(text, 'openai_proxy_attempts_total{category="server",route="chat",upstream="primary"}') == 1
+
+
+async def test_the_watch_picks_up_a_rotated_secret_file(tmp_path, mock, proxy_process):
+    """A Kubernetes Secret mounted as a file is rotated in place: the watch reloads, the upstream gets
+    the new key, and the line says `credentials` changed without showing either key."""
+    old_key, new_key = "rotate-canary-0123456789abcdef-old", "rotate-canary-0123456789abcdef-new"
+    volume = tmp_path / "secret"
+    volume.mkdir()
+    _configmap(volume, "..v1", old_key)  # the same layout: key file -> ..data/key
+    (volume / "key").symlink_to("..data/config.yaml")
+    doc = {"upstreams": {"azure": {"url": mock.url, "auth": {"header": "api-key",
+                                                             "value_from_file": str(volume / "key")}}},
+           "routes": [{"name": "chat", "methods": ["POST"], "path": "/v1/chat/completions", "upstreams": ["azure"]}],
+           "reload": {"watch": True, "interval": "20ms"}}
+    path = write_config(tmp_path, mock.url, doc)
+    p = await proxy_process("--config", str(path), "--port", "0", "--admin-port", "0")
+    assert await _chats(p.traffic, 1) == [200]
+    _configmap(volume, "..v2", new_key)
+    line = await p.wait_event("config_reloaded")
+    assert line["changed"] == ["credentials"]
+    assert await _chats(p.traffic, 1) == [200]
+    assert [r.headers["api-key"] for r in mock.received] == [old_key, new_key]
+    p.signal(signal.SIGTERM)
+    _, out, err = await p.finish()
+    assert old_key[14:] not in out + err + str(p.lines) and new_key[14:] not in out + err + str(p.lines)
