@@ -57,6 +57,10 @@ class _ClockStorage(pybreaker.CircuitMemoryStorage):
         return at - self.opened_mono
 
 
+def _silent(change: BreakerChange) -> None:
+    pass
+
+
 class Breaker(pybreaker.CircuitBreakerListener):
     """One route's (or one group's) breaker; it listens to its own pybreaker for state changes."""
 
@@ -118,6 +122,14 @@ class Breaker(pybreaker.CircuitBreakerListener):
         """The attempt ended with no outcome (the client left): free the probe for the next request."""
         if permit is Permit.PROBE:
             self._probing = False
+
+    def retire(self) -> BreakerChange | None:
+        """A reload replaced this breaker with a fresh (closed) one: requests still in flight may record
+        on it, but it no longer speaks for its routes. The change its routes see, if any."""
+        self._notify = _silent
+        state = self.state
+        return None if state is State.CLOSED else BreakerChange(self.name, self.routes, state, State.CLOSED,
+                                                                self.upstream)
 
     def retry_after(self) -> int:
         """Whole seconds until the breaker may let a probe through (at least 1)."""

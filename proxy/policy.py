@@ -51,12 +51,14 @@ class RoutePolicy:
 
 def compile_routes(config: ProxyConfig, clock: Callable[[], float],
                    notify: Callable[[BreakerChange], None] = lambda change: None,
-                   previous: RouteTable[RoutePolicy] | None = None) -> RouteTable[RoutePolicy]:
+                   previous: RouteTable[RoutePolicy] | None = None,
+                   moved: frozenset[str] = frozenset()) -> RouteTable[RoutePolicy]:
     """The config's route table with each policy compiled and given its live state. After a reload
     (`previous`), a breaker whose name, routes and settings did not change is kept, open or not, and
     so is the budget of a route whose name and budget settings did not: a reload must not reset an
     outage's breaker nor hand a struggling route a fresh budget. A breaker is per (route or group,
-    upstream): one upstream's outage opens nothing for the others."""
+    upstream): one upstream's outage opens nothing for the others; the upstreams in `moved` now
+    point elsewhere, so their breakers start afresh."""
     routes = [*config.routes.routes, config.routes.default]
     kept = [*previous.routes, previous.default] if previous is not None else []
     old_breakers = {(b.name, b.upstream): b for r in kept for b in r.policy.breakers}
@@ -71,9 +73,16 @@ def compile_routes(config: ProxyConfig, clock: Callable[[], float],
         breaker = Breaker(key[0], tuple(r.name for r in members), failure_threshold=b.failure_threshold,
                           reset_timeout=float(b.reset_timeout), count=frozenset(map(Category, b.count)),
                           clock=clock, notify=notify, upstream=key[1])
-        old = old_breakers.get(key)
-        keep = old is not None and (old.routes, old.settings) == (breaker.routes, breaker.settings)
-        breakers[key] = old if keep and old is not None else breaker
+        old = old_breakers.pop(key, None)
+        if old is not None:
+            if key[1] not in moved and (old.routes, old.settings) == (breaker.routes, breaker.settings):
+                breaker = old
+            elif change := old.retire():  # its routes' breaker is now the fresh one: closed
+                notify(change)
+        breakers[key] = breaker
+    for gone in old_breakers.values():  # their routes or upstreams left: an open one must not page forever
+        if change := gone.retire():
+            notify(change)
     compiled = []
     for r in routes:
         name = r.policy.breaker.group or r.name

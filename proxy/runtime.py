@@ -67,10 +67,12 @@ class Runtime:
               previous: Runtime | None = None) -> Runtime:
         """Inside the running loop (a pool binds to it). From `previous` (a reload) it keeps the pool of
         each upstream whose URL, max_connections and egress (upstream.proxy, ca_file) did not change,
-        and the breakers and budgets compile_routes keeps."""
-        routes = compile_routes(config, clock, notify, previous.routes if previous is not None else None)
+        and the breakers and budgets compile_routes keeps (a breaker not, when its upstream's URL moved:
+        it judged another server)."""
         settings = _pool_settings(config)
         old = _pool_settings(previous.config) if previous is not None else {}
+        moved = frozenset(name for name in settings if old.get(name, settings[name])[0] != settings[name][0])
+        routes = compile_routes(config, clock, notify, previous.routes if previous is not None else None, moved)
         pools: dict[str, UpstreamClient] = {}
         for name in dict.fromkeys(u for r in (*routes.routes, routes.default) for u in r.policy.upstreams):
             if previous is not None and name in previous.pools and old.get(name) == settings[name]:

@@ -15,6 +15,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from proxy import config as cfg
+from proxy.events import BreakerChange, BreakerState
 from proxy.testing import MockUpstream, Respond, Stall
 
 from ..conftest import TEST_KEY, write_config
@@ -158,7 +159,8 @@ async def test_the_file_watch_follows_a_configmap_update(tmp_path, mock, proxy_p
         assert not any(ln["event"] == "config_reload_failed" for ln in p.lines)
 
 
-async def test_breakers_and_budgets_survive_a_reload_unless_their_settings_change(tmp_path, mock, start_proxy):
+async def test_breakers_and_budgets_survive_a_reload_unless_their_settings_change(tmp_path, mock, start_proxy,
+                                                                                    recorder):
     breaker = {"failure_threshold": 1, "reset_timeout": "1h"}
     extra = {"defaults": {"retry": {"max_attempts": 1}, "breaker": breaker}}
     proxy = await start_proxy(extra)
@@ -185,9 +187,15 @@ async def test_breakers_and_budgets_survive_a_reload_unless_their_settings_chang
         assert exc.response.headers["x-proxy-error"] == "circuit_open"
     assert len(mock.received) == 1
     # the route's breaker settings change: a new breaker, closed; its budget is kept
+    state = 'openai_proxy_breaker_state{route="chat_completions",upstream="default"}'
+    assert _value(generate_latest(proxy.registry).decode(), state) == 2
     reload({"defaults": {**extra["defaults"], "breaker": {**breaker, "failure_threshold": 2}}})
     fresh = server.forwarder.runtime.routes.match("POST", "/v1/chat/completions").policy
     assert fresh.breaker is not route.breaker and fresh.budget is route.budget
+    # the dashboards see the fresh breaker: closed, with a breaker line saying so (no stuck alert)
+    assert _value(generate_latest(proxy.registry).decode(), state) == 0
+    (change,) = [c for c in recorder.of(BreakerChange) if c.new is BreakerState.CLOSED]
+    assert (change.breaker, change.old) == ("chat_completions", BreakerState.OPEN)
     await client.chat.completions.create(**CHAT)
     assert len(mock.received) == 2
     # a route new in the config is counted under its own name
@@ -248,3 +256,20 @@ async def test_the_watch_picks_up_a_rotated_secret_file(tmp_path, mock, proxy_pr
     p.signal(signal.SIGTERM)
     _, out, err = await p.finish()
     assert old_key[14:] not in out + err + str(p.lines) and new_key[14:] not in out + err + str(p.lines)
+
+
+async def test_a_breaker_starts_afresh_when_its_upstream_url_moves(tmp_path, mock, start_proxy):
+    """Same upstream name, another server: the open breaker judged the old one, so it is not kept."""
+    extra = {"defaults": {"retry": {"max_attempts": 1}, "breaker": {"failure_threshold": 1, "reset_timeout": "1h"}}}
+    async with MockUpstream() as second:
+        proxy = await start_proxy(extra)
+        client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
+        mock.script("/v1/chat/completions", Respond(500, {"error": {"message": "boom"}}))
+        try:
+            await client.chat.completions.create(**CHAT)
+        except openai.InternalServerError:
+            pass
+        proxy.server.reload(cfg.load(str(write_config(tmp_path, second.url, extra))))
+        await client.chat.completions.create(**CHAT)  # not circuit_open: the new server is asked
+        await client.close()
+        assert len(second.received) == 1
