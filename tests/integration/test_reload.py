@@ -159,6 +159,16 @@ async def test_the_file_watch_follows_a_configmap_update(tmp_path, mock, proxy_p
         assert not any(ln["event"] == "config_reload_failed" for ln in p.lines)
 
 
+async def _open_breaker(client: openai.AsyncOpenAI, mock: MockUpstream) -> None:
+    """One 500 on a route with failure_threshold 1 and max_attempts 1: its breaker opens."""
+    mock.script("/v1/chat/completions", Respond(500, {"error": {"message": "boom"}}))
+    try:
+        await client.chat.completions.create(**CHAT)
+        raise AssertionError("the scripted 500 did not reach the client")
+    except openai.InternalServerError:
+        pass
+
+
 async def test_breakers_and_budgets_survive_a_reload_unless_their_settings_change(tmp_path, mock, start_proxy,
                                                                                     recorder):
     breaker = {"failure_threshold": 1, "reset_timeout": "1h"}
@@ -166,11 +176,7 @@ async def test_breakers_and_budgets_survive_a_reload_unless_their_settings_chang
     proxy = await start_proxy(extra)
     server = proxy.server
     client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
-    mock.script("/v1/chat/completions", Respond(500, {"error": {"message": "boom"}}))
-    try:
-        await client.chat.completions.create(**CHAT)
-    except openai.InternalServerError:
-        pass
+    await _open_breaker(client, mock)
     route = server.forwarder.runtime.routes.match("POST", "/v1/chat/completions").policy
 
     def reload(more: dict) -> None:
@@ -264,11 +270,7 @@ async def test_a_breaker_starts_afresh_when_its_upstream_url_moves(tmp_path, moc
     async with MockUpstream() as second:
         proxy = await start_proxy(extra)
         client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key=TEST_KEY, max_retries=0)
-        mock.script("/v1/chat/completions", Respond(500, {"error": {"message": "boom"}}))
-        try:
-            await client.chat.completions.create(**CHAT)
-        except openai.InternalServerError:
-            pass
+        await _open_breaker(client, mock)
         proxy.server.reload(cfg.load(str(write_config(tmp_path, second.url, extra))))
         await client.chat.completions.create(**CHAT)  # not circuit_open: the new server is asked
         await client.close()
