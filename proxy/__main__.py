@@ -9,6 +9,7 @@ import argparse
 import difflib
 import os
 import re
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from typing import get_args
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(yaml.safe_dump(mask_value(cfg.effective(config)), sort_keys=False), end="")
         return 0
     configure(config.log.level, config.log.format)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() installs the reload: nothing to reload yet
     try:
         run_loop(serve(config, Supervisor if config.workers > 1 else None, lambda: load_config(args, env)))
     except StartupError as exc:

@@ -47,6 +47,8 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: dict[int, BaseProcess] = {}  # slot -> process
         self.channels: dict[int, Connection] = {}  # slot -> the pipe to its worker: readiness in, configs out
+        self.reloaded: ProxyConfig | None = None  # the last config reloaded, as the file says it (not pinned)
+        self.spawned_with: dict[int, ProxyConfig | None] = {}  # slot -> self.reloaded when its worker started
         self.live: set[int] = set()  # pids of the workers alive now (their gauges count in /metrics)
         self.port = 0
         self.metrics_dir = ""
@@ -81,6 +83,7 @@ class Supervisor:
         """Every worker serves `config` from its next request on (each reports what waits for a
         restart); one started later gets it too, with this process's listener settings."""
         self.config = pinned(config, self.config)
+        self.reloaded = config
         for slot, conn in list(self.channels.items()):
             try:
                 conn.send(config)
@@ -94,6 +97,7 @@ class Supervisor:
         proc.start()
         child.close()
         self.workers[slot] = proc
+        self.spawned_with[slot] = self.reloaded
         self.live.add(proc.pid or 0)
         return proc, parent
 
@@ -107,6 +111,8 @@ class Supervisor:
             error = f"worker {proc.pid} exited while starting (exit code {proc.exitcode})"
         if error is None:
             self.channels[slot] = conn
+            if self.reloaded is not self.spawned_with[slot]:  # a reload came while it started: it has the one before
+                conn.send(self.reloaded)
             loop.add_reader(proc.sentinel, self._exited, slot, proc)
         else:
             conn.close()

@@ -118,6 +118,11 @@ async def test_a_reload_reaches_every_worker(tmp_path, mock, proxy_process):
         text = await _metrics(p.admin)
         assert _value(text, 'openai_proxy_requests_total{route="chat_again",status_class="2xx"}') == 20
         assert _value(text, 'openai_proxy_config_reloads_total{result="ok"}') == 1
+        # a worker restarted after the reload starts on the reloaded config, not the one from the start
+        os.kill(sorted(pids)[0], signal.SIGKILL)
+        await p.wait_event("worker_started", where=lambda line: line["pid"] not in pids)
+        assert await _chats(p.traffic, 20) == [200] * 20
+        assert len(second.requests_to("/v1/chat/completions")) == 40 and not mock.received
 
 
 async def test_a_listen_change_waits_for_a_restart(tmp_path, mock, proxy_process):
