@@ -15,12 +15,12 @@ from prometheus_client import CollectorRegistry
 from .config import ProxyConfig
 from .errors import ProxyError, too_many_connections
 from .events import ConfigReloaded, Emitter, Observer
-from .reload import RESTART_KEYS, changed_keys, pinned
+from .exposition import StoreCollector
 from .handler import Forwarder
 from .headers import serialize_head
 from .logs import LogObserver
-from .exposition import StoreCollector
 from .metrics import MetricsObserver, MetricsStore, bucket_bounds
+from .reload import RESTART_KEYS, changed_keys, pinned
 
 # aiohttp server options for the traffic listener: a disconnecting client cancels its handler (and
 # so its upstream request); request bodies are never decompressed; no access log on the hot path.

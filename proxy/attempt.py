@@ -76,6 +76,10 @@ class Exchange(NamedTuple):
     request_id: str | None = None  # carried into RetryScheduled, so a retry line names its request
     urls: tuple[URL, ...] = ()  # the request's URL at each of the route's upstreams; () is (url,)
 
+    def at(self, u: int) -> URL:
+        """The request's URL at the route's upstream number `u`."""
+        return self.urls[u] if u and self.urls else self.url
+
 
 async def _prefetch(up: UpstreamResponse, method: str) -> tuple[bytes | None, bool]:
     """(bytes read, whether they are the whole body): a small known-length body is read whole (one
@@ -183,7 +187,7 @@ async def one_attempt(endpoint: Endpoint, route: RoutePolicy, ex: Exchange, emit
     up: UpstreamResponse | None = None
     try:
         headers = endpoint.headers(ex.headers) if endpoint.injects else ex.headers
-        up = await send(endpoint.pool, ex.method, ex.urls[u] if u and ex.urls else ex.url, headers, ex.body, timeout)
+        up = await send(endpoint.pool, ex.method, ex.at(u), headers, ex.body, timeout)
         why = unrelayable(up.reason, up.headers)
         if why is not None:
             raise UnrelayableResponse(why)

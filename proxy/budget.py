@@ -13,7 +13,8 @@ _SLOTS = 10
 
 
 class RetryBudget:
-    __slots__ = ("settings", "_ratio", "_reserve", "_slot_len", "_clock", "_requests", "_retries", "_cur", "_slot_start")
+    __slots__ = ("settings", "_ratio", "_reserve", "_slot_len", "_clock", "_requests", "_retries", "_cur",
+                 "_slot_start")
 
     def __init__(self, ratio: float, min_per_second: float, window: float, clock: Callable[[], float]) -> None:
         if ratio < 0 or min_per_second < 0 or window <= 0:

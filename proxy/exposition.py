@@ -78,9 +78,9 @@ def combine(snapshots: Iterable[tuple[Snapshot, bool]]) -> Combined:
 
 def families(combined: Combined) -> list[Metric]:
     """The contract's families. Every (route, upstream) shows its breaker and transitions, every route
-    its in-flight; one that has
-    had a request every other counter series (zeros too, so a first error is a rate, not a new
-    series) and both outcomes of its histogram; a rate-limit gauge once the upstream has sent it."""
+    its in-flight; one that has had a request every other counter series (zeros too, so a first error
+    is a rate, not a new series) and both outcomes of its histogram; a rate-limit gauge once the
+    upstream has sent it."""
     out = {fam: _KINDS[fam.kind](fam.name, fam.help, labels=fam.labels) for fam in metrics.FAMILIES}
     out[metrics.BUILD_INFO].add_metric([__version__], 1)
     le = [floatToGoString(b) for b in combined.bounds] + ["+Inf"]

@@ -75,8 +75,8 @@ TRANSITIONS = Family(P + "breaker_transitions_total", "counter",
 RESUMES = Family(P + "stream_resumes_total", "counter", "Cut background Responses streams: ok, reconnected and "
                  "relayed on; failed, the proxy gave up and aborted the client connection.", ("route", "result"))
 BUILD_INFO = Family(P + "build_info", "gauge", "The proxy's version; always 1.", ("version",))
-FAMILIES = (REQUESTS, ERRORS, ATTEMPTS, RETRIES, STOPS, RETRY_SUCCESSES, RESUMES, BREAKER, TRANSITIONS, DURATION, IN_FLIGHT,
-            REMAINING_REQUESTS, REMAINING_TOKENS, BUILD_INFO)
+FAMILIES = (REQUESTS, ERRORS, ATTEMPTS, RETRIES, STOPS, RETRY_SUCCESSES, RESUMES, BREAKER, TRANSITIONS, DURATION,
+            IN_FLIGHT, REMAINING_REQUESTS, REMAINING_TOKENS, BUILD_INFO)
 
 
 def bucket_bounds(longest_total: float) -> tuple[float, ...]:

@@ -70,7 +70,10 @@ class Reloader:
                                    kept="the running config")
             return
         self.results["ok"] += 1
+        files = self._files()
         self.config = config
+        if self._files() != files:  # another secret file: watch the new set from here
+            self._seen = self._signature()
 
     def collect(self) -> list[CounterMetricFamily]:
         """openai_proxy_config_reloads_total{result}, a collector as the others (no _created series)."""
@@ -80,13 +83,16 @@ class Reloader:
             family.add_metric([result], n)
         return [family]
 
+    def _files(self) -> list[str]:
+        """The config file and the secret files of injected credentials: what the watch looks at."""
+        return [self.config.source, *(u.auth.value_from_file for u in self.config.upstreams.values()
+                                      if u.auth is not None and u.auth.value_from_file is not None)]
+
     def _signature(self) -> tuple[int, ...] | None:
         """What changes when the config file or a secret file (auth.value_from_file) does: a ConfigMap or
         Secret volume swaps a symlink, so the inode changes."""
-        files = [self.config.source, *(u.auth.value_from_file for u in self.config.upstreams.values()
-                                       if u.auth is not None and u.auth.value_from_file is not None)]
         seen: list[int] = []
-        for path in files:
+        for path in self._files():
             try:
                 st = os.stat(path)
             except OSError:  # no file (built-in defaults), or mid-swap: look again next time

@@ -60,7 +60,7 @@ class Resumer:
         u = outcome.upstream  # the upstream that served the stream: the response lives in its account
         self._endpoint, self._u, self._breaker = endpoints[u], u, route.breakers[u]
         self._route, self._outcome, self._emit = route, outcome, emit
-        self._ex = ex._replace(method="GET", body=EMPTY, url=ex.urls[u] if u and ex.urls else ex.url, urls=(),
+        self._ex = ex._replace(method="GET", body=EMPTY, url=ex.at(u), urls=(),
                                headers=[h for h in ex.headers if h[0].lower() not in _BODY_HEADERS])
         self._clock, self._rng, self._sleep = clock, rng, sleep
 

@@ -31,10 +31,14 @@ class Target(NamedTuple):
 
     route: RoutePolicy
     path: str  # normalized, without the query
-    url: URL  # the first upstream's base URL + that path + the query as sent (urls[0])
     endpoints: tuple[Endpoint, ...]  # the route's upstreams, in order
-    urls: tuple[URL, ...]  # the same request's URL at each of them
+    urls: tuple[URL, ...]  # the request's URL at each of them: base URL + that path + the query as sent
     resumable: bool  # a background Responses stream could be behind it (sse.may_resume)
+
+    @property
+    def url(self) -> URL:
+        """At the first upstream."""
+        return self.urls[0]
 
 
 def _pool_settings(config: ProxyConfig) -> dict[str, tuple[str, int, str, str | None]]:
@@ -99,7 +103,7 @@ class Runtime:
         route = self.routes.match(method, normal).policy
         endpoints = self._endpoints[route.name]
         urls = tuple(URL(e.base.join(normal + sep + query), encoded=True) for e in endpoints)
-        found = Target(route, normal, urls[0], endpoints, urls, may_resume(method, normal))
+        found = Target(route, normal, endpoints, urls, may_resume(method, normal))
         if len(self._targets) < _CACHED_TARGETS:
             self._targets[(method, raw)] = found
         return found

@@ -204,7 +204,8 @@ _RESPONSE_ID = re.compile(r"[A-Za-z0-9_\-]{1,200}")  # resp_...: nothing that co
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?=[^\n])|\n)(?:\r\n|\r(?=[^\n])|\n)")
 # A JSON key: inside a JSON string every `"` is escaped, so `number":` can only be a real key.
 _SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*([0-9]{1,18})')
-_STARTING = (b"response.created", b"response.in_progress")
+_STARTING = ("response.created", "response.in_progress")  # the events that carry the response's id
+_STARTING_BYTES = tuple(kind.encode() for kind in _STARTING)
 HOLD_CAP = 16 * 2**20  # an unfinished event held back longer than this turns the stream unresumable
 
 
@@ -227,14 +228,14 @@ def resume_point(method: str, path: str, query: str, body: object) -> ResumePoin
     true` and `stream: true` in a JSON body held in memory (`body` bytes; a streamed body is not
     parsed), or `GET /v1/responses/{id}?stream=true`. A foreground response stops on the server when
     its connection drops: there is nothing to resume. The JSON is parsed only for that POST."""
+    if not may_resume(method, path):
+        return None
     if method == "POST":
-        if path != "/v1/responses" or not isinstance(body, bytes) or body.find(b"background") < 0:
+        if not isinstance(body, bytes) or body.find(b"background") < 0:
             return None
         doc = _json(body)
         if isinstance(doc, dict) and doc.get("background") is True and doc.get("stream") is True:
             return ResumePoint(None, None)
-        return None
-    if method != "GET" or not path.startswith("/v1/responses/") or path.count("/") != 3:
         return None
     ident = path[len("/v1/responses/"):]
     params = dict(parse_qsl(query))
@@ -340,7 +341,8 @@ class EventCursor:
             doc = _json(_data_value(event, at))
             seq = doc.get("sequence_number") if isinstance(doc, dict) else None
             seq = seq if isinstance(seq, int) else None
-        if self.response_id is None and (event.find(_STARTING[0]) >= 0 or event.find(_STARTING[1]) >= 0):
+        created, in_progress = _STARTING_BYTES
+        if self.response_id is None and (event.find(created) >= 0 or event.find(in_progress) >= 0):
             self._learn_id(_data_value(event, at))
         if seq is None:
             return True
@@ -351,7 +353,7 @@ class EventCursor:
 
     def _learn_id(self, data: bytes) -> None:
         doc = _json(data)
-        if isinstance(doc, dict) and doc.get("type") in ("response.created", "response.in_progress"):
+        if isinstance(doc, dict) and doc.get("type") in _STARTING:
             response = doc.get("response")
             ident = response.get("id") if isinstance(response, dict) else None
             if isinstance(ident, str) and _RESPONSE_ID.fullmatch(ident):
